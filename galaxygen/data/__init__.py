@@ -1,0 +1,34 @@
+"""Galaxy image data: synthetic galaxies, packing real sources into a cache, and loading batches."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from pathlib import Path
+
+from galaxygen import home
+from galaxygen.data.cache import Cache, CacheError, CacheWriter
+
+__all__ = ["Cache", "CacheError", "CacheWriter", "default_cache", "DEFAULT_SYNTH_N"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYNTH_N = 4000
+SYNTH_VERSION = 1
+
+
+def default_cache(n: int = DEFAULT_SYNTH_N, seed: int = 0, size: int = 64, workers: int | None = None) -> Path:
+    """The built-in synthetic galaxies as a cache, rendered once and reused (safe under concurrent callers)."""
+    from galaxygen.data.synth import synthesize
+
+    root = home() / "data"
+    out = root / f"synth-v{SYNTH_VERSION}-n{n}-s{seed}-{size}px"
+    if (out / "manifest.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").exists():
+            log.info("rendering %d synthetic galaxies into %s (once)", n, out)
+            synthesize(out, n=n, seed=seed, layout="cache", size=size, workers=workers)
+    return out

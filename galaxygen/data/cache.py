@@ -1,0 +1,137 @@
+"""The packed image cache: images.npy (N, S, S, 3) uint8, catalog.parquet, manifest.json.
+
+A cache is a folder. It is written into a temporary sibling folder and renamed into place,
+so a reader never sees a half-written cache and a killed pack leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+IMAGES = "images.npy"
+CATALOG = "catalog.parquet"
+MANIFEST = "manifest.json"
+REQUIRED_COLUMNS = ("id", "source", "split")
+IN_MEMORY_LIMIT_BYTES = 4 * 2**30
+
+
+class CacheError(ValueError):
+    """A cache folder is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class Cache:
+    """An opened cache: images (memory-mapped or in RAM), its catalog and its manifest."""
+
+    path: Path
+    images: np.ndarray
+    catalog: pd.DataFrame
+    manifest: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, in_memory: bool | None = None) -> Cache:
+        """Open a cache; in_memory=None loads it into RAM when it is smaller than 4 GiB."""
+        path = Path(path)
+        for name in (IMAGES, CATALOG, MANIFEST):
+            if not (path / name).is_file():
+                raise CacheError(f"{path} is not a galaxygen cache: {name} is missing (make one with `python -m galaxygen.data pack` or `synth`)")
+        images = np.load(path / IMAGES, mmap_mode="r")
+        if in_memory is None:
+            in_memory = images.nbytes <= IN_MEMORY_LIMIT_BYTES
+        if in_memory:
+            images = np.ascontiguousarray(images)
+        catalog = pd.read_parquet(path / CATALOG)
+        manifest = json.loads((path / MANIFEST).read_text())
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise CacheError(f"{path / IMAGES} must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
+        if len(catalog) != len(images):
+            raise CacheError(f"{path}: catalog has {len(catalog)} rows but there are {len(images)} images")
+        missing = [c for c in REQUIRED_COLUMNS if c not in catalog.columns]
+        if missing:
+            raise CacheError(f"{path / CATALOG} lacks column(s) {missing}")
+        return cls(path, images, catalog, manifest)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Row indices of one split (train, val or test), in catalog order."""
+        return np.flatnonzero(self.catalog["split"].to_numpy() == split)
+
+
+class CacheWriter:
+    """Write a cache of n images of size x size pixels; `finish` makes it appear atomically."""
+
+    def __init__(self, out: str | os.PathLike, n: int, size: int):
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.images = np.lib.format.open_memmap(self.tmp / IMAGES, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+
+    def finish(self, catalog: pd.DataFrame, manifest: dict, keep: np.ndarray | None = None) -> Path:
+        """Write catalog and manifest, then rename into place. `keep` selects rows (drop skipped files)."""
+        images = self.images
+        if keep is not None and not keep.all():
+            kept = np.lib.format.open_memmap(self.tmp / "kept.npy", mode="w+", dtype=np.uint8, shape=(int(keep.sum()), *images.shape[1:]))
+            kept[:] = images[keep]
+            kept.flush()
+            del images, self.images, kept
+            os.replace(self.tmp / "kept.npy", self.tmp / IMAGES)
+            images = np.load(self.tmp / IMAGES, mmap_mode="r")
+        else:
+            images.flush()
+        catalog = catalog.reset_index(drop=True)
+        if len(catalog) != len(images):
+            raise CacheError(f"catalog has {len(catalog)} rows for {len(images)} images")
+        catalog.to_parquet(self.tmp / CATALOG, index=False)
+        manifest = dict(manifest)
+        manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        manifest["shape"] = list(images.shape)
+        manifest["split_counts"] = {str(k): int(v) for k, v in catalog["split"].value_counts().sort_index().items()}
+        manifest["content_hash"] = content_hash(images, catalog)
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        del images
+        self.images = None
+        replace_dir(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        self.images = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def content_hash(images: np.ndarray, catalog: pd.DataFrame) -> str:
+    """sha256 over the pixels and the catalog ids/splits: equal hashes mean equal caches."""
+    h = hashlib.sha256()
+    step = 1024
+    for i in range(0, len(images), step):
+        h.update(np.ascontiguousarray(images[i : i + step]).tobytes())
+    h.update("\n".join(catalog["id"].astype(str)).encode())
+    h.update("\n".join(catalog["split"].astype(str)).encode())
+    return h.hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder src to dst, replacing dst; the old dst is removed only after the new one is in place."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,51 @@
+"""The model registry: names are part of the public interface (`--model NAME`, config `model`).
+
+Every model takes images (B, 3, S, S) in [0, 1]. A VAE (kind "vae") has
+`encode(x) -> (mu, logvar)`, `decode_logits(z)`, `forward(x) -> (logits, mu, logvar)` with the
+Gaussian reparameterisation, and `sample(n)` which draws z ~ N(0, I) and decodes. A GAN (kind
+"gan") has `generator`, `discriminator` and `sample(n)`. Both have `latent_dim`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: how to build it and its own defaults for the config's None fields."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    defaults: dict
+    summary: str
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(name: str, summary: str, **defaults):
+    """Decorator adding a model builder to the registry under `name`."""
+
+    def wrap(build):
+        MODELS[name] = ModelSpec(name, build, defaults, summary)
+        return build
+
+    return wrap
+
+
+def build_model(config) -> nn.Module:
+    """Build the model a (resolved) TrainConfig names."""
+    spec = MODELS[config.model]
+    return spec.build(
+        image_size=config.image_size,
+        latent_dim=config.latent_dim,
+        width=config.width,
+        dropout=config.dropout,
+    )
+
+
+from galaxygen.models import cnn, mlp  # noqa: E402,F401  (registration; resvae and dcgan are added by their modules)
