@@ -136,3 +136,15 @@ def load(results_dir: str | os.PathLike, sweep: str) -> tuple[pd.DataFrame, pd.D
         config_cols = [c for c in trials.columns if c not in metrics.columns or c == "trial_id"]
         metrics = metrics.merge(trials[config_cols], on="trial_id", how="left")
     return trials, metrics
+
+
+def epoch_report(metrics: pd.DataFrame, epoch: int) -> dict:
+    """The per-epoch summary a trial reports to Ray Tune: {"epoch": e, "<split>_<metric>": value, ...}.
+
+    Built from the epoch-level rows (step-level metrics end in `_step` and are left out), so the local
+    backend and the SLURM poller report exactly the same thing.
+    """
+    rows = metrics[(metrics["epoch"] == epoch) & ~metrics["metric"].str.endswith("_step")]
+    report = {f"{r.split}_{r.metric}": float(r.value) for r in rows.itertuples()}
+    report["epoch"] = int(epoch)
+    return report

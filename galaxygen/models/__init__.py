@@ -31,6 +31,7 @@ def register(name: str, summary: str, **defaults):
     """Decorator adding a model builder to the registry under `name`."""
 
     def wrap(build):
+        defaults.setdefault("lr", 1e-3)
         MODELS[name] = ModelSpec(name, build, defaults, summary)
         return build
 
@@ -48,4 +49,4 @@ def build_model(config) -> nn.Module:
     )
 
 
-from galaxygen.models import cnn, mlp  # noqa: E402,F401  (registration; resvae and dcgan are added by their modules)
+from galaxygen.models import cnn, mlp  # noqa: E402,F401  (registration)

@@ -1,0 +1,154 @@
+"""One training run's configuration: every hyperparameter in one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+RECON_LOSSES = ("bce", "l1", "mse")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is not allowed; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one run. None means "the model's own default" (see `resolved`).
+
+    batch_size is the global batch of the run: under DDP each of W ranks gets batch_size / W.
+    """
+
+    model: str = "cnn"
+    latent_dim: int | None = None
+    width: int | None = None
+    dropout: float | None = None
+    image_size: int = 64
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float = 0.0
+    alpha: float = 1.0
+    recon_loss: str = "bce"
+    free_bits: float = 0.0
+    kl_warmup_epochs: int = 0
+    tv_weight: float = 0.0
+    augment: bool = True
+    data_fraction: float = 1.0
+    data_count: int = 0
+    epochs: int = 5
+    seed: int = 0
+    grad_clip: float = 0.0
+    amp: bool = True
+    log_every: int = 20
+    eval_n: int = 0
+    data: str = ""
+
+    def __post_init__(self) -> None:
+        from galaxygen.models import MODELS
+
+        def bad(key: str, allowed: str) -> None:
+            raise ConfigError(f"invalid config {key}={getattr(self, key)!r}: allowed {allowed}")
+
+        if self.model not in MODELS:
+            bad("model", "one of " + ", ".join(sorted(MODELS)))
+        if self.recon_loss not in RECON_LOSSES:
+            bad("recon_loss", "one of " + ", ".join(RECON_LOSSES))
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            bad("dropout", "a probability in [0, 1)")
+        for key in ("batch_size", "epochs", "image_size", "log_every"):
+            if getattr(self, key) < 1:
+                bad(key, "an integer >= 1")
+        for key in ("latent_dim", "width"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad(key, "an integer >= 1 (or unset for the model's default)")
+        if self.lr is not None and not self.lr > 0:
+            bad("lr", "a number > 0 (or unset for the model's default)")
+        for key in ("alpha", "free_bits", "tv_weight", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                bad(key, "a number >= 0")
+        for key in ("kl_warmup_epochs", "data_count", "eval_n"):
+            if getattr(self, key) < 0:
+                bad(key, "an integer >= 0")
+        if not 0 < self.data_fraction <= 1:
+            bad("data_fraction", "a fraction in (0, 1]")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, coercing strings and rejecting unknown keys."""
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: allowed {', '.join(cls.keys())}")
+        return cls(**{k: coerce(k, v) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def resolved(self) -> TrainConfig:
+        """Fill latent_dim, width, dropout and lr from the model's defaults (the report's tables)."""
+        from galaxygen.models import MODELS
+
+        defaults = MODELS[self.model].defaults
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def signature(self) -> str:
+        """Short id of the resolved config: equal configs share it, so a rerun finds its finished trial."""
+        blob = json.dumps(self.resolved().to_dict(), sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def field_type(key: str) -> type:
+    hint = {f.name: f.type for f in fields(TrainConfig)}[key]
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if hint.startswith(name):
+            return typ
+    raise AssertionError(hint)
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Turn a value (often a command-line string) into the field's type, or fail naming the key."""
+    if key not in TrainConfig.keys():
+        raise ConfigError(f"unknown config key {key}: allowed {', '.join(TrainConfig.keys())}")
+    typ = field_type(key)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if key in ("latent_dim", "width", "dropout", "lr"):
+            return None
+        if typ is str:
+            return ""
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if typ is int:
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid config {key}={value!r}: expected {typ.__name__}") from None
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """`["lr=1e-3", "model=mlp2"]` -> {"lr": 0.001, "model": "mlp2"} with types checked."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}; keys: {', '.join(TrainConfig.keys())}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = coerce(key.strip(), value.strip())
+    return out

@@ -1,0 +1,147 @@
+"""Batches for training: float images in [0, 1] from a cache split, shuffled per epoch, sharded per rank.
+
+Augmentation is done on whole batches of tensors (one affine resampling per batch: random flip,
+arbitrary rotation, small translation); it never changes colours.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from galaxygen.splits import unit_hash
+
+
+def reduce_indices(indices: np.ndarray, ids: np.ndarray, fraction: float = 1.0, count: int = 0) -> np.ndarray:
+    """Data reduction: keep a fraction (or a count) of a split, chosen by a stable hash of the galaxy ids.
+
+    A smaller reduction is always a subset of a larger one, so data-reduction sweeps are nested.
+    """
+    keep = len(indices)
+    if fraction < 1:
+        keep = max(1, int(round(fraction * len(indices))))
+    if count:
+        keep = min(keep, count)
+    if keep >= len(indices):
+        return indices
+    order = np.argsort([unit_hash(f"reduce:{ids[i]}") for i in indices], kind="stable")
+    return np.sort(indices[order[:keep]])
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, max_shift: float = 0.06) -> torch.Tensor:
+    """Random flip, rotation by any angle and translation (up to max_shift of the size) of each image."""
+    b = batch.shape[0]
+    angle = torch.rand(b, generator=generator) * (2 * math.pi)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (2 * max_shift)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    ).to(batch)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class BatchLoader:
+    """Iterate over one split of a cache in batches of `batch_size` per rank.
+
+    Each epoch draws one permutation (from seed and epoch); global batch i is the slice
+    [i*B*W, (i+1)*B*W) of it and rank r takes its r-th part, so W ranks with per-rank batch B see
+    exactly the images one process would with batch B*W. A background thread prepares the next batch.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        indices: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        device: torch.device | str = "cpu",
+    ):
+        if len(indices) < batch_size * world_size and drop_last:
+            raise ValueError(f"the split has {len(indices)} images, fewer than one global batch of {batch_size * world_size}")
+        self.images = images
+        self.indices = np.asarray(indices)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.device = torch.device(device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        per_step = self.batch_size * self.world_size
+        return len(self.indices) // per_step if self.drop_last else math.ceil(len(self.indices) / per_step)
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's index arrays for the current epoch."""
+        order = self.indices
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        per_step = self.batch_size * self.world_size
+        out = []
+        for i in range(len(self)):
+            chunk = order[i * per_step : (i + 1) * per_step]
+            part = np.array_split(chunk, self.world_size)[self.rank]
+            out.append(np.sort(part))
+        return out
+
+    def _make(self, idx: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        batch = to_float(self.images[idx])
+        if self.augment:
+            batch = augment(batch, generator)
+        return batch.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**63)
+        batches = self.batches()
+        ready: queue.Queue = queue.Queue(maxsize=3)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for idx in batches:
+                    if stop.is_set():
+                        return
+                    ready.put(self._make(idx, generator))
+                ready.put(None)
+            except BaseException as err:  # handed to the consumer
+                ready.put(err)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)

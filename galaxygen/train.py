@@ -1,0 +1,418 @@
+"""`python -m galaxygen.train`: one training run = one validated config.
+
+Works as one process, under torchrun, or as SLURM tasks (the environment says which); only rank 0
+writes results, checkpoints and TensorBoard events. A run checkpoints every epoch and resumes from
+its last checkpoint with the same results as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from galaxygen import checkpoint, distributed
+from galaxygen.config import ConfigError, TrainConfig, parse_assignments
+from galaxygen.data import Cache, default_cache
+from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
+from galaxygen.losses import elbo_loss, warmup_factor
+from galaxygen.models import build_model
+from galaxygen.results import ResultsStore, atomic_write_json, epoch_report
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_PROBE = 64  # images in the fixed held-out batch scored every `log_every` steps
+GRID = 32  # samples in the prior grid logged to TensorBoard
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class VAEObjective:
+    """One optimisation step and one held-out evaluation of a VAE under the ELBO."""
+
+    def __init__(self, model, config: TrainConfig, env: distributed.DistEnv, device: torch.device):
+        self.model = model
+        self.config = config
+        self.net = DistributedDataParallel(model) if env.enabled else model
+        self.optimizers = [torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+
+    def loss(self, x: torch.Tensor, alpha: float):
+        with torch.autocast(**self.autocast):
+            logits, mu, logvar = self.net(x)
+        return elbo_loss(logits, x, mu, logvar, recon_loss=self.config.recon_loss, alpha=alpha,
+                         free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
+
+    def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        alpha = self.config.alpha * warmup_factor(progress, self.config.kl_warmup_epochs)
+        parts = self.loss(x, alpha)
+        opt = self.optimizers[0]
+        opt.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        opt.step()
+        return {"loss": parts.loss.detach(), "recon": parts.recon.detach(), "kl": parts.kl.detach(),
+                "nelbo": parts.nelbo.detach(), "bits_per_dim": parts.bits_per_dim.detach()}
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Held-out parts with z sampled from q(z|x) (the ELBO is an expectation over q), dropout off."""
+        mu, logvar = self.model.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        parts = elbo_loss(self.model.decode_logits(z), x, mu, logvar, recon_loss=self.config.recon_loss,
+                          alpha=self.config.alpha, free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
+        return {"loss": parts.loss, "recon": parts.recon, "kl": parts.kl, "nelbo": parts.nelbo,
+                "bits_per_dim": parts.bits_per_dim}
+
+
+class GANObjective:
+    """One discriminator step and one generator step of a GAN (gradients averaged across ranks)."""
+
+    def __init__(self, model, config: TrainConfig, env: distributed.DistEnv, device: torch.device):
+        self.model = model
+        self.config = config
+        self.device = device
+        betas = (0.5, 0.999)
+        self.opt_d = torch.optim.AdamW(model.discriminator.parameters(), lr=config.lr, betas=betas,
+                                       weight_decay=config.weight_decay)
+        self.opt_g = torch.optim.AdamW(model.generator.parameters(), lr=config.lr, betas=betas,
+                                       weight_decay=config.weight_decay)
+        self.optimizers = [self.opt_d, self.opt_g]
+
+    def _step(self, loss: torch.Tensor, opt, params) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        opt.step()
+
+    def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        z = torch.randn(len(x), self.model.latent_dim, device=x.device)
+        fake = self.model.generator(z)
+        loss_d, parts_d = self.model.d_loss(x, fake.detach())
+        self._step(loss_d, self.opt_d, list(self.model.discriminator.parameters()))
+        loss_g, parts_g = self.model.g_loss(fake)
+        self._step(loss_g, self.opt_g, list(self.model.generator.parameters()))
+        out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
+        out["loss_d"], out["loss_g"] = loss_d.detach(), loss_g.detach()
+        out["loss"] = out["loss_d"] + out["loss_g"]
+        return out
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fake = self.model.sample(len(x))
+        loss_d, parts_d = self.model.d_loss(x, fake)
+        loss_g, parts_g = self.model.g_loss(fake)
+        out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
+        out["loss_d"], out["loss_g"] = loss_d, loss_g
+        out["loss"] = loss_d + loss_g
+        return out
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks with one all-reduce of the flattened gradients (no-op in one process)."""
+    if not torch.distributed.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Trainer:
+    """Everything one run needs: data, model, objective, logging; `fit` runs (or resumes) it."""
+
+    def __init__(self, config: TrainConfig, store: ResultsStore, trial_id: str, env: distributed.DistEnv,
+                 device: torch.device):
+        self.config, self.store, self.trial_id, self.env, self.device = config, store, trial_id, env, device
+        self.run_dir = store.run_dir(trial_id)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if config.batch_size % env.world_size:
+            raise ConfigError(f"invalid config batch_size={config.batch_size}: the global batch must divide "
+                              f"evenly over {env.world_size} ranks")
+        seed_everything(config.seed)
+        self.cache = Cache.open(config.data or default_cache())
+        if self.cache.size != config.image_size:
+            raise ConfigError(f"invalid config image_size={config.image_size}: the cache {self.cache.path} holds "
+                              f"{self.cache.size} px images")
+        ids = self.cache.catalog["id"].astype(str).to_numpy()
+        train_idx = reduce_indices(self.cache.indices("train"), ids, config.data_fraction, config.data_count)
+        val_idx = self.cache.indices("val")
+        if len(val_idx) == 0:
+            raise ConfigError(f"the cache {self.cache.path} has no val split")
+        per_rank = config.batch_size // env.world_size
+        self.train_loader = BatchLoader(self.cache.images, train_idx, per_rank, augment=config.augment,
+                                        seed=config.seed, rank=env.rank, world_size=env.world_size, device=device)
+        self.val_loader = BatchLoader(self.cache.images, val_idx, per_rank, shuffle=False, rank=env.rank,
+                                      world_size=env.world_size, drop_last=False, device=device)
+        self.probe = to_float(self.cache.images[val_idx[:HELD_OUT_PROBE]]).to(device)
+        self.model = build_model(config).to(device)
+        objective = GANObjective if getattr(self.model, "kind", "vae") == "gan" else VAEObjective
+        self.objective = objective(self.model, config, env, device)
+        self.epoch = 0
+        self.step = 0
+        self.best = math.inf
+        self.writer = None
+
+    # -- state --------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"config": self.config.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
+                "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.objective.optimizers],
+                "rng": checkpoint.rng_state(), "trial_id": self.trial_id}
+
+    def restore(self) -> bool:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return False
+        state = checkpoint.load(path, self.device)
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.objective.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed %s from epoch %d", self.trial_id, self.epoch)
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def fit(self, report: Callable[[dict], None] | None = None) -> dict:
+        resumed = self.restore()
+        main = self.env.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.config.to_dict(), self.run_dir / "config.json")
+            self.store.clear_metrics(self.trial_id, after_epoch=self.epoch)
+            self.store.write_trial(self.trial_id, status="running", error=None, job_id=os.environ.get("SLURM_JOB_ID"),
+                                   config_hash=self.config.signature(), **self.config.to_dict(),
+                                   start_time=time.time(), epochs_done=self.epoch)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.run_dir / "tb", purge_step=self.step if resumed else None)
+        summary: dict = {}
+        while self.epoch < self.config.epochs:
+            rows = self.train_epoch()
+            rows += self.validate()
+            self.epoch += 1
+            if main:
+                self.store.write_metrics(self.trial_id, f"epoch-{self.epoch:05d}", rows)
+                import pandas as pd
+
+                summary = epoch_report(pd.DataFrame(rows), self.epoch)
+                self.log_epoch(summary)
+                val = summary.get("val_loss", math.inf)
+                improved = val < self.best
+                self.best = min(self.best, val)
+                checkpoint.save(self.ckpt_dir / "last.pt", **self.state())
+                if improved or not (self.ckpt_dir / "best.pt").exists():
+                    checkpoint.save(self.ckpt_dir / "best.pt", **self.state())
+                self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_val_loss=self.best)
+                if report is not None:
+                    report(summary)
+        if main:
+            if not summary:
+                summary = epoch_report(self.store.metrics(self.trial_id), self.epoch)
+            self.writer.add_hparams(hparams(self.config), {f"hparam/{k}": v for k, v in summary.items() if k != "epoch"},
+                                    run_name=".")
+            self.writer.close()
+            self.store.write_trial(self.trial_id, status="completed", end_time=time.time(), epochs_done=self.epoch,
+                                   best_val_loss=self.best)
+        return summary
+
+    def train_epoch(self) -> list[dict]:
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        n_batches = len(self.train_loader)
+        sums: dict[str, torch.Tensor] = {}
+        window: dict[str, torch.Tensor] = {}
+        in_window = 0
+        rows: list[dict] = []
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not self.env.is_main or None, leave=False, mininterval=2, file=sys.stderr)
+        for i, x in enumerate(bar):
+            parts = self.objective.train_step(x, self.epoch + i / n_batches)
+            self.step += 1
+            seen += len(x) * self.env.world_size
+            in_window += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v
+                window[k] = window.get(k, 0) + v
+            if self.step % self.config.log_every == 0 or i == n_batches - 1:
+                means = self.reduce({k: v / in_window for k, v in window.items()})
+                window, in_window = {}, 0
+                held_out = self.probe_loss()
+                rows += [self.row("train", f"{k}_step", v) for k, v in means.items()]
+                rows.append(self.row("val", "loss_step", held_out))
+                if self.writer:
+                    for k, v in means.items():
+                        self.writer.add_scalar(f"train_step/{k}", v, self.step)
+                    self.writer.add_scalar("val_step/loss", held_out, self.step)
+                bar.set_postfix(loss=f"{means['loss']:.1f}", refresh=False)
+        elapsed = time.perf_counter() - start
+        means = self.reduce({k: v / n_batches for k, v in sums.items()})
+        rows += [self.row("train", k, v) for k, v in means.items()]
+        rows += [self.row("train", "lr", self.objective.optimizers[0].param_groups[0]["lr"]),
+                 self.row("train", "images_per_s", seen / elapsed), self.row("train", "epoch_time_s", elapsed)]
+        return rows
+
+    def reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over ranks of per-rank means; fails the run if any value is NaN or infinite."""
+        keys = sorted(values)
+        stacked = distributed.all_mean(torch.stack([torch.as_tensor(values[k], dtype=torch.float32).to(self.device)
+                                                    for k in keys]))
+        out = dict(zip(keys, stacked.tolist()))
+        bad = {k: v for k, v in out.items() if not math.isfinite(v)}
+        if bad:
+            raise TrainingDiverged(f"loss became non-finite at epoch {self.epoch + 1}, step {self.step}: {bad}")
+        return out
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Held-out loss on a fixed batch (the within-epoch held-out curve)."""
+        was_training = self.model.training
+        self.model.eval()
+        value = float(self.objective.eval_step(self.probe)["loss"])
+        self.model.train(was_training)
+        return value
+
+    @torch.no_grad()
+    def validate(self) -> list[dict]:
+        """Held-out metrics over the whole val split (each rank a shard; image-weighted mean over ranks)."""
+        self.model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        n = torch.zeros((), device=self.device)
+        for x in self.val_loader:
+            for k, v in self.objective.eval_step(x).items():
+                totals[k] = totals.get(k, 0) + v.to(self.device) * len(x)
+            n += len(x)
+        keys = sorted(totals)
+        summed = distributed.all_sum(torch.stack([totals[k] for k in keys] + [n]))
+        values = dict(zip(keys, (summed[:-1] / summed[-1]).tolist()))
+        return [self.row("val", k, v) for k, v in values.items()]
+
+    def row(self, split: str, metric: str, value: float) -> dict:
+        return {"step": self.step, "epoch": self.epoch + 1,
+                "split": split, "metric": metric, "value": float(value), "wall_time": time.time()}
+
+    def log_epoch(self, summary: dict) -> None:
+        w = self.writer
+        for key, value in summary.items():
+            if key != "epoch":
+                split, metric = key.split("_", 1)
+                w.add_scalar(f"{split}/{metric}", value, self.epoch)
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        w.add_images("samples_from_prior", self.model.sample(GRID, generator=gen).float().cpu(), self.epoch)
+        if hasattr(self.model, "reconstruct"):
+            x = self.probe[:8]
+            pairs = torch.stack([x, self.model.reconstruct(x).float()], 1).flatten(0, 1)
+            w.add_images("reconstructions", pairs.cpu(), self.epoch)
+        w.flush()
+        log.info("epoch %d/%d %s", self.epoch, self.config.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith(("train_loss", "val_"))))
+
+
+def hparams(config: TrainConfig) -> dict:
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in config.to_dict().items()}
+
+
+def run(config: TrainConfig, results: str | os.PathLike, sweep: str = "runs", trial_id: str | None = None,
+        report: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume, or skip if already completed) one run; returns its final per-epoch report."""
+    config = config.resolved()
+    trial_id = trial_id or config.signature()
+    store = ResultsStore(results, sweep)
+    env = distributed.read_env()
+    existing = store.read_trial(trial_id)
+    if existing and existing.get("status") == "completed" and existing.get("epochs_done") == config.epochs:
+        summary = epoch_report(store.metrics(trial_id), config.epochs)
+        if report is not None and env.is_main:
+            report(summary)
+        return summary
+    device = distributed.setup(env)
+    try:
+        trainer = Trainer(config, store, trial_id, env, device)
+        return trainer.fit(report)
+    except Exception as err:
+        if env.is_main:
+            store.write_trial(trial_id, status="failed", end_time=time.time(),
+                              error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}",
+                              **({} if store.read_trial(trial_id) else {**config.to_dict(),
+                                                                          "config_hash": config.signature()}))
+        raise
+    finally:
+        distributed.teardown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m galaxygen.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="", help="cache folder (default: the built-in synthetic galaxies, made once)")
+    p.add_argument("--model", help="model name (default cnn, the report's Table III)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--out", default="results", help="results folder (default ./results)")
+    p.add_argument("--sweep", default="runs", help="group name under --out (default runs)")
+    p.add_argument("--trial-id", help="run id (default: a hash of the config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, repeatable; keys: " + ", ".join(TrainConfig.keys()))
+    p.add_argument("--config", help="a config.json to start from (e.g. a previous run's)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint (default behaviour "
+                   "when one exists; the flag only documents intent)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        values = json.loads(Path(args.config).read_text()) if args.config else {}
+        values.update(parse_assignments(args.set))
+        for key in ("model", "epochs", "data"):
+            if getattr(args, key):
+                values[key] = getattr(args, key)
+        config = TrainConfig.from_dict(values)
+    except (ConfigError, OSError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(config, args.out, args.sweep, args.trial_id)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"failed: {err}", file=sys.stderr)
+        return 1
+    env = distributed.read_env()
+    if env.is_main:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""`python -m sweeps.launch NAME`: run a named sweep with Ray Tune, locally or as SLURM jobs.
+
+Every trial's results go to RESULTS/NAME (Parquet + TensorBoard + checkpoints). Trial ids are hashes
+of their configs, so running the same command again (or with --resume) finishes an interrupted sweep
+without re-running finished trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from galaxygen.config import ConfigError, TrainConfig, parse_assignments
+from galaxygen.results import ResultsStore, atomic_write_json
+from sweeps import spaces
+
+log = logging.getLogger("sweeps.launch")
+
+DEFAULT_EPOCHS = 3
+
+
+def slurm_available() -> bool:
+    """True when a SLURM controller answers (sinfo exits 0)."""
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {s.name:15s} {s.description}" for s in spaces.SWEEPS.values())
+    p = argparse.ArgumentParser(prog="python -m sweeps.launch", description=__doc__ + "\nsweeps:\n" + listing,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", help="sweep name (see --list), or a new name with --grid")
+    p.add_argument("--list", action="store_true", help="print the named sweeps and what they vary")
+    p.add_argument("--backend", choices=("auto", "local", "slurm"), default="auto",
+                   help="where trials run (auto: slurm when a SLURM controller answers, else local)")
+    p.add_argument("--data", default="", help="cache folder (default: the built-in synthetic galaxies)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per trial (default {DEFAULT_EPOCHS})")
+    p.add_argument("--model", help="base model (default cnn, the report's Table III; mlp2 for the MLP studies)")
+    p.add_argument("--results", default="results", help="results folder (default ./results)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPU threads per local trial (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per local trial (default 0)")
+    p.add_argument("--samples", type=int, help="samples of the search space (default: the sweep's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search-space sampling (default 0)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (also the default: finished "
+                   "trials are never re-run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="ad-hoc sweep values")
+    p.add_argument("--no-figures", action="store_true", help="skip rebuilding the figures at the end")
+    p.add_argument("--eval-n", type=int, default=None, help="generated samples scored per trial (0 = off)")
+    p.add_argument("--dry-run", action="store_true", help="print the trial configs and exit")
+    try:
+        from sweeps import slurm
+
+        slurm.add_arguments(p)
+    except ImportError:
+        pass
+    return p
+
+
+def resolve_sweep(args) -> tuple[spaces.Sweep, dict]:
+    """The sweep and the base config from the command line, validated before anything starts."""
+    if not args.name:
+        raise ConfigError("give a sweep name: one of " + ", ".join(spaces.SWEEPS) + " (or --list)")
+    grid = spaces.parse_grid(args.grid)
+    sweep = spaces.adhoc(args.name, grid) if grid and args.name not in spaces.SWEEPS else spaces.get(args.name)
+    if grid and args.name in spaces.SWEEPS:
+        sweep = spaces.Sweep(sweep.name, sweep.description, {**sweep.grid, **grid}, sweep.sample, sweep.base,
+                             sweep.samples, sweep.early_stopping)
+    base = parse_assignments(args.set)
+    base["epochs"] = args.epochs
+    if args.model:
+        base["model"] = args.model
+    if args.data:
+        if not (Path(args.data) / "manifest.json").exists():
+            raise ConfigError(f"--data {args.data} is not a galaxygen cache (no manifest.json); make one with "
+                              "`python -m galaxygen.data pack` or `synth`")
+        base["data"] = str(Path(args.data).resolve())
+    if args.eval_n is not None:
+        base["eval_n"] = args.eval_n
+    TrainConfig.from_dict(base)
+    return sweep, base
+
+
+def ray_temp_dir(results: Path) -> str:
+    """A short per-results-folder temp dir (Ray's socket paths must stay under ~107 characters)."""
+    return f"/tmp/ray-{hashlib.sha1(str(results.resolve()).encode()).hexdigest()[:8]}"
+
+
+def local_trainable(results: Path, sweep: str, cpus: int):
+    """The Tune function trainable that trains one trial in-process and reports every epoch."""
+
+    def train_trial(params: dict) -> None:
+        import torch
+        from ray import tune
+
+        from galaxygen.train import run
+
+        torch.set_num_threads(cpus)
+        config = TrainConfig.from_dict(params)
+        run(config, results, sweep, config.resolved().signature(), report=lambda m: tune.report(m))
+
+    return train_trial
+
+
+def run_sweep(args, sweep: spaces.Sweep, base: dict) -> int:
+    """Run the sweep with Ray Tune; returns the number of failed trials."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    results = Path(args.results).resolve()
+    store = ResultsStore(results, sweep.name)
+    store.dir.mkdir(parents=True, exist_ok=True)
+    configs = spaces.expand(sweep, base, args.samples, args.seed)
+    atomic_write_json({"name": sweep.name, "description": sweep.description, "varies": sweep.varies,
+                       "base": base, "trials": [c.resolved().signature() for c in configs],
+                       "command": sys.argv, "started": time.time()}, store.dir / "sweep.json")
+    backend = args.backend
+    if backend == "auto":
+        backend = "slurm" if slurm_available() else "local"
+    cpus = os.cpu_count() or 1
+    ray.init(num_cpus=cpus, num_gpus=0 if backend == "slurm" else None, include_dashboard=False,
+             dashboard_host="127.0.0.1", _temp_dir=ray_temp_dir(results), logging_level=logging.WARNING,
+             log_to_driver=backend == "local", configure_logging=True)
+    if backend == "slurm":
+        from sweeps import slurm
+
+        trainable = slurm.make_trainable(results, sweep.name, slurm.options_from_args(args))
+        concurrent = args.max_concurrent or len(configs)
+    else:
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        trainable = tune.with_resources(local_trainable(results, sweep.name, args.cpus_per_trial), resources)
+        concurrent = args.max_concurrent or max(1, cpus // args.cpus_per_trial)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=base["epochs"], grace_period=1, reduction_factor=2) \
+        if sweep.early_stopping else None
+    tuner = tune.Tuner(
+        trainable,
+        param_space=spaces.param_space(sweep, base),
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", scheduler=scheduler, num_samples=args.samples or sweep.samples,
+            max_concurrent_trials=concurrent,
+            search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=concurrent),
+            trial_dirname_creator=lambda t: f"{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(store.dir / "ray"),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+    log.info("sweep %s: %d trials on the %s backend, %d at a time; results in %s",
+             sweep.name, len(configs), backend, concurrent, store.dir)
+    try:
+        tuner.fit()
+    finally:
+        reconcile(store, [c.resolved().signature() for c in configs])
+        ray.shutdown()
+    return int((store.trials()["status"] == "failed").sum())
+
+
+def reconcile(store: ResultsStore, trial_ids: list[str]) -> None:
+    """Trials that Tune stopped early (or that never finished) are marked stopped, not left running."""
+    trials = store.trials()
+    for row in trials.itertuples():
+        if row.trial_id in trial_ids and row.status == "running":
+            store.write_trial(row.trial_id, status="stopped", end_time=time.time())
+
+
+def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str]) -> None:
+    trials = store.trials()
+    if trials.empty:
+        print("no trials recorded")
+        return
+    trials = trials[trials["trial_id"].isin(trial_ids)].copy()
+    metrics = store.metrics()
+    final = metrics[~metrics["metric"].str.endswith("_step")]
+    final = final.sort_values("epoch").groupby(["trial_id", "split", "metric"]).tail(1)
+    for key in ("val_loss", "val_bits_per_dim", "train_loss"):
+        split, metric = key.split("_", 1)
+        values = final[(final["split"] == split) & (final["metric"] == metric)].set_index("trial_id")["value"]
+        trials[key] = trials["trial_id"].map(values)
+    trials = trials.sort_values("val_loss", na_position="last")
+    cols = ["trial_id", *[v for v in varies if v in trials], "status", "epochs_done", "train_loss", "val_loss",
+            "val_bits_per_dim"]
+    print(trials[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for row in trials[trials["status"] == "failed"].itertuples():
+        first = str(row.error).strip().splitlines()[0] if row.error else "unknown error"
+        print(f"  {row.trial_id} failed: {first}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for s in spaces.SWEEPS.values():
+            print(f"{s.name:15s} varies {', '.join(s.varies):40s} {s.description}")
+        return 0
+    try:
+        sweep, base = resolve_sweep(args)
+        configs = spaces.expand(sweep, base, args.samples, args.seed)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for c in configs:
+            print(c.resolved().signature(), json.dumps({k: getattr(c, k) for k in sweep.varies}))
+        return 0
+    if "data" not in base:
+        from galaxygen.data import default_cache
+
+        base["data"] = str(default_cache())
+    failed = run_sweep(args, sweep, base)
+    store = ResultsStore(Path(args.results).resolve(), sweep.name)
+    print()
+    print_table(store, [c.resolved().signature() for c in spaces.expand(sweep, base, args.samples, args.seed)],
+                sweep.varies)
+    if not args.no_figures:
+        try:
+            from analysis.figures import build
+        except ImportError:
+            build = None
+        if build is not None:
+            page = build(store.dir)
+            print(f"\nreport: {page}")
+    print(f"results: {store.dir}  (TensorBoard: tensorboard --logdir {store.dir / 'runs'} --host 127.0.0.1)")
+    if failed:
+        print(f"{failed} trial(s) failed", file=sys.stderr)
+    return min(failed, 100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The named sweeps: each is a Ray Tune search space over a base TrainConfig.
+
+The report's studies use its Table III `cnn` as the base (select the MLP studies with
+`--model mlp2`); `search` goes beyond the grid with random search and ASHA early stopping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+from ray.tune.search.variant_generator import generate_variants
+
+from galaxygen.config import ConfigError, TrainConfig, coerce
+from galaxygen.models import MODELS
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A named study: values to grid over, distributions to sample, and how trials are scheduled."""
+
+    name: str
+    description: str
+    grid: dict[str, list] = field(default_factory=dict)
+    sample: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] = field(default_factory=dict)
+    samples: int = 1
+    early_stopping: bool = False
+
+    @property
+    def varies(self) -> list[str]:
+        return list(self.grid) + list(self.sample)
+
+
+def _search_space() -> dict[str, Any]:
+    return {
+        "lr": tune.loguniform(1e-4, 3e-3),
+        "alpha": tune.loguniform(1e-3, 1.0),
+        "latent_dim": tune.choice([4, 8, 12, 16, 32]),
+        "dropout": tune.uniform(0.0, 0.5),
+    }
+
+
+SWEEPS: dict[str, Sweep] = {
+    s.name: s
+    for s in [
+        Sweep("dropout", "dropout probability p (report Figs. 8-9)", {"dropout": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}),
+        Sweep("batch_size", "batch size (report Fig. 10)", {"batch_size": [8, 16, 32, 64]}),
+        Sweep("latent_dim", "latent size (report Fig. 11)", {"latent_dim": [2, 4, 8, 12, 16, 32]}),
+        Sweep("alpha", "KL weight alpha, the report's values", {"alpha": [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]}),
+        Sweep("recon_loss", "reconstruction loss", {"recon_loss": ["bce", "l1", "mse"]}),
+        Sweep("augmentation", "augmentation on/off for mlp2 and cnn (report Figs. 12-14)",
+              {"model": ["mlp2", "cnn"], "augment": [True, False]}),
+        Sweep("data_reduction", "fraction of the train split used", {"data_fraction": [1.0, 0.5, 0.25, 0.1]}),
+        Sweep("architecture", "every registered model at the same data and epoch budget", {"model": sorted(MODELS)}),
+        Sweep("search", "random search over lr, alpha, latent size and dropout with ASHA early stopping",
+              sample=_search_space(), samples=8, early_stopping=True),
+    ]
+}
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """`["dropout=0.1,0.3", "model=cnn,mlp2"]` -> {"dropout": [0.1, 0.3], "model": ["cnn", "mlp2"]}."""
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid expects key=v1,v2,..., got {item!r}; keys: {', '.join(TrainConfig.keys())}")
+        key, values = item.split("=", 1)
+        grid[key.strip()] = [coerce(key.strip(), v.strip()) for v in values.split(",")]
+    return grid
+
+
+def get(name: str) -> Sweep:
+    if name not in SWEEPS:
+        raise ConfigError(f"unknown sweep {name!r}: choose one of {', '.join(SWEEPS)} (or --grid key=v1,v2 for an ad-hoc sweep)")
+    return SWEEPS[name]
+
+
+def adhoc(name: str, grid: dict[str, list]) -> Sweep:
+    return Sweep(name, "ad-hoc grid " + ", ".join(f"{k} in {v}" for k, v in grid.items()), grid)
+
+
+def param_space(sweep: Sweep, base: dict[str, Any]) -> dict[str, Any]:
+    """The flat Ray Tune param_space: the base config with the swept keys replaced by their search."""
+    space = {**sweep.base, **base}
+    space.update({k: tune.grid_search(v) for k, v in sweep.grid.items()})
+    space.update(sweep.sample)
+    return space
+
+
+def expand(sweep: Sweep, base: dict[str, Any], samples: int | None = None, seed: int = 0) -> list[TrainConfig]:
+    """Every trial's config, validated, exactly as Ray Tune's variant generator will produce them."""
+    import numpy as np
+
+    space = param_space(sweep, base)
+    rng = np.random.RandomState(seed)
+    configs = []
+    for _ in range(samples or sweep.samples):
+        for _, spec in generate_variants(space, random_state=rng):
+            configs.append(TrainConfig.from_dict(spec))
+    return configs

@@ -1,0 +1,148 @@
+"""The training run: config validation, results, checkpoints and resume, NaN handling, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from galaxygen import checkpoint, distributed
+from galaxygen.config import ConfigError, TrainConfig
+from galaxygen.results import ResultsStore
+from galaxygen.train import Trainer, TrainingDiverged, run
+
+
+def tiny(blob_cache, **kw) -> TrainConfig:
+    values = dict(model="cnn", epochs=2, batch_size=16, data=str(blob_cache), log_every=4)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("bad,key", [(["--set", "dropout=1.5"], "dropout"), (["--set", "batch_size=0"], "batch_size"),
+                                     (["--model", "vqvae"], "model"), (["--set", "recon_loss=huber"], "recon_loss"),
+                                     (["--set", "colour=red"], "colour")])
+def test_bad_config_fails_before_any_work(tmp_path, bad, key):
+    proc = subprocess.run([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path), *bad],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0]
+    assert not any(tmp_path.iterdir()), "nothing may be written for a bad config"
+
+
+def test_config_resolves_model_defaults_and_signature_is_stable():
+    a = TrainConfig(model="mlp2").resolved()
+    assert (a.latent_dim, a.width, a.dropout) == (10, 40, 0.2)
+    assert TrainConfig(model="mlp2").signature() == TrainConfig(model="mlp2", latent_dim=10).signature()
+    assert TrainConfig(model="mlp2").signature() != TrainConfig(model="mlp2", latent_dim=11).signature()
+    with pytest.raises(ConfigError, match="data_fraction"):
+        TrainConfig(data_fraction=0)
+
+
+def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
+    summary = run(tiny(blob_cache), tmp_path, "t", "trial")
+    store = ResultsStore(tmp_path, "t")
+    row = store.read_trial("trial")
+    assert row["status"] == "completed" and row["epochs_done"] == 2 and row["model"] == "cnn"
+    metrics = store.metrics("trial")
+    epochs = metrics[~metrics.metric.str.endswith("_step")]
+    assert set(epochs.epoch) == {1, 2}
+    assert {"loss", "recon", "kl", "nelbo", "bits_per_dim"} <= set(epochs[epochs.split == "val"].metric)
+    assert not metrics.duplicated(["epoch", "step", "split", "metric"]).any()
+    assert set(metrics[metrics.metric == "loss_step"].split) == {"train", "val"}
+    assert summary["epoch"] == 2 and np.isfinite(summary["val_nelbo"])
+    # the val loss is the sum of its parts (alpha = 1): reductions defined once
+    assert summary["val_loss"] == pytest.approx(summary["val_recon"] + summary["val_kl"], rel=1e-4)
+    run_dir = store.run_dir("trial")
+    model, config = checkpoint.load_model(run_dir / "checkpoints" / "best.pt")
+    assert config.model == "cnn" and model.sample(4).shape == (4, 3, 64, 64)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    tags = events.Tags()
+    assert {"samples_from_prior", "reconstructions"} <= set(tags["images"])
+    assert {"train/loss", "val/loss", "train/images_per_s", "train_step/loss"} <= set(tags["scalars"])
+    # a rerun of a completed trial does no work and returns the same summary
+    before = os.path.getmtime(run_dir / "checkpoints" / "last.pt")
+    assert run(tiny(blob_cache), tmp_path, "t", "trial") == pytest.approx(summary)
+    assert os.path.getmtime(run_dir / "checkpoints" / "last.pt") == before
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, blob_cache):
+    cfg = ["--data", str(blob_cache), "--epochs", "3", "--set", "batch_size=16", "--set", "log_every=4",
+           "--trial-id", "t1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path / "a"), *cfg],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path / "b"), *cfg],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "b" / "runs" / "runs" / "t1" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.load(last)["epoch"] < 3, "the run must be killed before it finished"
+    resumed = subprocess.run([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path / "b"), *cfg],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = ResultsStore(tmp_path / "a", "runs").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
+    b = ResultsStore(tmp_path / "b", "runs").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
+    keep = ~a.metric.isin(["images_per_s", "epoch_time_s"])
+    assert len(a) == len(b) and not b.duplicated(["epoch", "step", "split", "metric"]).any()
+    np.testing.assert_allclose(a[keep].value.to_numpy(), b[~b.metric.isin(["images_per_s", "epoch_time_s"])].value.to_numpy(),
+                               rtol=1e-5)
+
+
+def test_nan_stops_the_run_with_a_recorded_reason(tmp_path, blob_cache):
+    with pytest.raises(TrainingDiverged):
+        run(tiny(blob_cache, lr=1e9, epochs=3), tmp_path, "t", "nan")
+    row = ResultsStore(tmp_path, "t").read_trial("nan")
+    assert row["status"] == "failed" and "non-finite" in row["error"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = distributed.read_env()
+    trainer = Trainer(cfg.resolved(), ResultsStore(out, "ddp"), "trial", env, distributed.setup(env))
+    summary = trainer.fit()
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).numpy()
+    distributed.teardown()
+    queue.put((rank, summary, params))
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, blob_cache):
+    cfg = tiny(blob_cache, epochs=1, dropout=0.0, augment=False, batch_size=32)
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg, tmp_path / "two", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: (s, params) for r, s, params in (queue.get(timeout=600) for _ in procs)}
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    torch.set_num_threads(1)
+    single = run(cfg, tmp_path / "one", "ddp", "trial")
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[1][0] == {}, "only rank 0 reports and writes"
+    two = results[0][0]
+    assert two["val_nelbo"] == pytest.approx(single["val_nelbo"], rel=0.03)
+    assert two["train_loss"] == pytest.approx(single["train_loss"], rel=0.03)
