@@ -1,0 +1,174 @@
+"""Named sweeps, the launcher with real Ray Tune, resume after a driver kill, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from galaxygen.models import MODELS
+from galaxygen.results import METRIC_SCHEMA, ResultsStore, load
+from sweeps import spaces
+from tests.conftest import run_launcher
+
+EXPECTED = {
+    "dropout": ("dropout", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+    "batch_size": ("batch_size", [8, 16, 32, 64]),
+    "latent_dim": ("latent_dim", [2, 4, 8, 12, 16, 32]),
+    "alpha": ("alpha", [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]),
+    "recon_loss": ("recon_loss", ["bce", "l1", "mse"]),
+    "data_reduction": ("data_fraction", [1.0, 0.5, 0.25, 0.1]),
+    "architecture": ("model", sorted(MODELS)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_grid_sweeps_expand_to_the_report_values_on_the_table_iii_base(name):
+    key, values = EXPECTED[name]
+    configs = spaces.expand(spaces.get(name), {"epochs": 2})
+    assert [getattr(c, key) for c in configs] == values
+    others = {k for k in ("model", "batch_size", "latent_dim", "alpha", "recon_loss", "dropout") if k != key}
+    for c in configs:
+        assert c.epochs == 2
+        base = c.replace(**{key: getattr(spaces.expand(spaces.get(name), {})[0], key)})
+        if key != "model":
+            assert c.model == "cnn"
+        assert {k: getattr(c, k) for k in others} == {k: getattr(base, k) for k in others}
+
+
+def test_augmentation_and_search_sweeps():
+    aug = [(c.model, c.augment) for c in spaces.expand(spaces.get("augmentation"), {})]
+    assert sorted(aug) == sorted([("mlp2", True), ("mlp2", False), ("cnn", True), ("cnn", False)])
+    search = spaces.expand(spaces.get("search"), {}, samples=20, seed=3)
+    assert len(search) == 20 and len({c.signature() for c in search}) == 20
+    assert all(1e-4 <= c.lr <= 3e-3 and 1e-3 <= c.alpha <= 1 and 0 <= c.dropout <= 0.5 for c in search)
+    assert [c.signature() for c in search] == [c.signature() for c in spaces.expand(spaces.get("search"), {}, 20, 3)]
+    assert spaces.get("search").early_stopping
+
+
+def test_mlp_studies_and_adhoc_grids():
+    configs = spaces.expand(spaces.get("batch_size"), {"model": "mlp2"})
+    assert {c.model for c in configs} == {"mlp2"}
+    grid = spaces.parse_grid(["latent_dim=8,16", "lr=1e-3,3e-4"])
+    assert len(spaces.expand(spaces.adhoc("mine", grid), {})) == 4
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["nosuch"], "unknown sweep 'nosuch'"),
+    (["dropout", "--set", "colour=red"], "unknown config key colour"),
+    (["dropout", "--grid", "dropout=0.1,2"], "dropout=2.0"),
+    (["dropout", "--set", "batch_size=0"], "batch_size"),
+    (["dropout", "--data", "/nonexistent"], "not a galaxygen cache"),
+])
+def test_bad_input_fails_at_once_before_ray_starts(tmp_path, args, needle):
+    proc = run_launcher([*args, "--backend", "local"], tmp_path / "r", timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_list_prints_every_sweep(tmp_path):
+    proc = run_launcher(["--list"], tmp_path)
+    assert proc.returncode == 0
+    for name in spaces.SWEEPS:
+        assert name in proc.stdout
+
+
+def test_a_real_tiny_sweep_fills_the_parquet_store(tiny_sweep):
+    trials, metrics = load(tiny_sweep.parent, "dropout")
+    assert sorted(trials.dropout) == [0.1, 0.5] and set(trials.status) == {"completed"}
+    assert set(trials.trial_id) == set(json.loads((tiny_sweep / "sweep.json").read_text())["trials"])
+    epochs = metrics[~metrics.metric.str.endswith("_step")]
+    for trial_id in trials.trial_id:
+        own = epochs[epochs.trial_id == trial_id]
+        assert set(own.epoch) == {1, 2}
+        assert set(own[own.split == "val"].metric) >= {"loss", "nelbo", "bits_per_dim", "recon", "kl"}
+    assert not metrics.duplicated(["trial_id", "epoch", "step", "split", "metric"]).any()
+    assert "dropout" in metrics.columns  # config columns joined
+    duckdb = pytest.importorskip("duckdb")
+    n = duckdb.sql(f"SELECT count(*) FROM '{tiny_sweep}/metrics/*/*.parquet'").fetchall()[0][0]
+    assert n == len(metrics)
+    for trial_id in trials.trial_id:
+        assert any((tiny_sweep / "runs" / trial_id / "tb").iterdir())
+        assert (tiny_sweep / "runs" / trial_id / "checkpoints" / "best.pt").exists()
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, blob_cache):
+    proc = run_launcher(["fail", "--backend", "local", "--data", str(blob_cache), "--epochs", "1",
+                         "--grid", "image_size=64,32", "--set", "batch_size=16", "--no-figures"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    trials = ResultsStore(tmp_path, "fail").trials().set_index("image_size")
+    assert trials.loc[64, "status"] == "completed"
+    assert trials.loc[32, "status"] == "failed" and "image_size" in trials.loc[32, "error"]
+    assert "1 trial(s) failed" in proc.stderr
+
+
+def test_driver_killed_mid_sweep_then_rerun_finishes_without_rerunning(tmp_path, blob_cache):
+    args = ["resume", "--backend", "local", "--data", str(blob_cache), "--epochs", "2", "--max-concurrent", "1",
+            "--grid", "dropout=0.1,0.3,0.5", "--set", "batch_size=16", "--no-figures", "--results", str(tmp_path)]
+    driver = subprocess.Popen([sys.executable, "-m", "sweeps.launch", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    store = ResultsStore(tmp_path, "resume")
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        t = store.trials()
+        if len(t) and (t.status == "completed").sum() >= 1:
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the sweep finished before it could be killed"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = store.trials().query("status == 'completed'")
+    first = done.set_index("trial_id")["start_time"].to_dict()
+    assert 1 <= len(first) < 3
+    try:
+        proc = run_launcher(args[:-2] + ["--resume"], tmp_path)
+    finally:
+        subprocess.run(["pkill", "-9", "-s", str(driver.pid)], check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = store.trials().set_index("trial_id")
+    assert len(trials) == 3 and set(trials.status) == {"completed"}
+    for trial_id, started in first.items():
+        assert trials.loc[trial_id, "start_time"] == started, "a finished trial was re-run"
+    metrics = store.metrics()
+    assert not metrics.duplicated(["trial_id", "epoch", "step", "split", "metric"]).any()
+    assert set(metrics.groupby("trial_id").epoch.max()) == {2}
+
+
+WRITER = """
+import sys, numpy as np, pandas as pd
+from pathlib import Path
+from galaxygen.results import atomic_write_parquet
+path = Path(sys.argv[1])
+i = 0
+while True:
+    i += 1
+    n = 200_000
+    atomic_write_parquet(pd.DataFrame({"i": np.full(n, i), "x": np.random.rand(n)}), path)
+    print(i, flush=True)
+"""
+
+
+def test_a_killed_writer_leaves_no_corrupt_file(tmp_path):
+    target = tmp_path / "metrics" / "t" / "epoch-00001.parquet"
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2 + attempt):
+            proc.stdout.readline()
+        time.sleep(0.013 * attempt)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        frame = pd.read_parquet(target)  # always a complete file
+        assert len(frame) == 200_000 and frame.i.nunique() == 1
+    leftovers = [p.name for p in target.parent.iterdir() if p.name.startswith(".")]
+    table = ds.dataset(tmp_path / "metrics", format="parquet").to_table()
+    assert table.num_rows == 200_000, f"readers must ignore hidden temporaries {leftovers}"
+    assert METRIC_SCHEMA.names[0] == "sweep"
