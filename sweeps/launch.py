@@ -115,6 +115,24 @@ def local_trainable(results: Path, sweep: str, cpus: int):
     return train_trial
 
 
+def progress_callback(varies: list[str]):
+    """A Tune callback printing one line per trial epoch (instead of Tune's wide status tables)."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            swept = " ".join(f"{k}={trial.config.get(k)}" for k in varies)
+            print(f"[{time.strftime('%H:%M:%S')}] {swept:28s} epoch {result.get('epoch')}: "
+                  f"val_loss {result.get('val_loss', float('nan')):.2f} "
+                  f"({result.get('val_bits_per_dim', float('nan')):.4f} bits/dim)", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            swept = " ".join(f"{k}={trial.config.get(k)}" for k in varies)
+            print(f"[{time.strftime('%H:%M:%S')}] {swept:28s} FAILED (see the results table)", flush=True)
+
+    return Progress()
+
+
 def run_sweep(args, sweep: spaces.Sweep, base: dict) -> int:
     """Run the sweep with Ray Tune; returns the number of failed trials."""
     import ray
@@ -157,7 +175,8 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict) -> int:
             trial_dirname_creator=lambda t: f"{t.trial_id}",
         ),
         run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(store.dir / "ray"),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+                                  callbacks=[progress_callback(sweep.varies)]),
     )
     log.info("sweep %s: %d trials on the %s backend, %d at a time; results in %s",
              sweep.name, len(configs), backend, concurrent, store.dir)
