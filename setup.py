@@ -40,6 +40,7 @@ setup(
             "galaxygen-train=galaxygen.train:main",
             "galaxygen-sweep=sweeps.launch:main",
             "galaxygen-figures=analysis.figures:main",
+            "galaxygen-compare=analysis.compare:main",
         ]
     },
 )

@@ -250,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             build = None
         if build is not None:
-            page = build(store.dir)
-            print(f"\nreport: {page}")
+            try:
+                print(f"\nreport: {build(store.dir)}")
+            except Exception as err:  # figures must never cost a finished sweep its exit status
+                log.warning("could not build the figures: %s", err)
     print(f"results: {store.dir}  (TensorBoard: tensorboard --logdir {store.dir / 'runs'} --host 127.0.0.1)")
     if failed:
         print(f"{failed} trial(s) failed", file=sys.stderr)

@@ -17,13 +17,17 @@ DEFAULT_SYNTH_N = 4000
 SYNTH_VERSION = 1
 
 
-def default_cache(n: int = DEFAULT_SYNTH_N, seed: int = 0, size: int = 64, workers: int | None = None) -> Path:
-    """The built-in synthetic galaxies as a cache, rendered once and reused (safe under concurrent callers)."""
+def default_cache(n: int = DEFAULT_SYNTH_N, seed: int = 0, size: int = 64, workers: int | None = None,
+                  create: bool = True) -> Path:
+    """The built-in synthetic galaxies as a cache, rendered once and reused (safe under concurrent callers).
+
+    With create=False only the path is returned, whether or not it has been rendered yet.
+    """
     from galaxygen.data.synth import synthesize
 
     root = home() / "data"
     out = root / f"synth-v{SYNTH_VERSION}-n{n}-s{seed}-{size}px"
-    if (out / "manifest.json").exists():
+    if (out / "manifest.json").exists() or not create:
         return out
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{out.name}.lock", "w") as lock:

@@ -1,0 +1,263 @@
+"""analysis: figures, table and report page of a tiny sweep, including a failed trial and one without checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import plots
+from analysis.compare import build_comparison
+from analysis.figures import build, light_concentration, main
+from analysis.tables import comparison_table, load_sweep, swept_keys
+from galaxygen.results import ResultsStore, load
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FIGURES = ("loss_curves", "elbo_curves", "within_epoch_loss", "samples", "reconstructions",
+           "latent_concentration", "latent_best")
+SWEEP = "dropout-tiny"
+
+
+def blob_cache(out: Path, n: int = 48, size: int = 64) -> Path:
+    """A tiny cache of elliptical blobs with a synthetic-style ground-truth catalog."""
+    from galaxygen.data.cache import CacheWriter
+
+    rng = np.random.default_rng(0)
+    writer = CacheWriter(out, n, size)
+    yy, xx = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    rows = []
+    for i in range(n):
+        ell, angle, hlr = rng.uniform(0, 0.7), rng.uniform(0, np.pi), rng.uniform(3, 10)
+        bulge = rng.uniform(0, 1)
+        u = xx * np.cos(angle) + yy * np.sin(angle)
+        v = (-xx * np.sin(angle) + yy * np.cos(angle)) / (1 - ell)
+        r = np.hypot(u, v)
+        light = bulge * np.exp(-((r / (0.5 * hlr)) ** 0.5)) + (1 - bulge) * np.exp(-r / hlr)
+        img = np.stack([light * c for c in (1.0, 0.8, 0.6)], axis=-1)
+        writer.images[i] = np.clip(255 * img / img.max() + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+        rows.append({"id": f"g{i}", "source": "blob", "split": "val" if i % 4 == 0 else "train",
+                     "class": "elliptical" if bulge > 0.5 else "spiral", "bulge_frac": bulge,
+                     "ellipticity": ell, "hlr_px": hlr})
+    return writer.finish(pd.DataFrame(rows), {"source": "test blobs"})
+
+
+def epoch_rows(epoch: int, step: int, scale: float) -> list[dict]:
+    """Per-epoch and per-step metrics as training writes them."""
+    rows = []
+    for split, offset in (("train", 0.0), ("val", 40.0)):
+        nelbo = scale * (3000 + offset) / epoch
+        values = {"loss": nelbo * 0.98, "recon": nelbo * 0.95, "kl": nelbo * 0.05, "nelbo": nelbo,
+                  "bits_per_dim": nelbo / (3 * 64 * 64 * np.log(2))}
+        rows += [{"step": step, "epoch": epoch, "split": split, "metric": k, "value": v, "wall_time": 1e9 + step}
+                 for k, v in values.items()]
+    for s in range(step - 10, step, 2):
+        rows.append({"step": s, "epoch": epoch, "split": "val", "metric": "loss_step",
+                     "value": scale * 3100 / epoch + np.sin(s), "wall_time": 1e9 + s})
+        rows.append({"step": s, "epoch": epoch, "split": "train", "metric": "loss_step",
+                     "value": scale * 3050 / epoch + np.cos(s), "wall_time": 1e9 + s})
+    return rows
+
+
+def hand_made_sweep(root: Path, cache: Path) -> Path:
+    """Results written with ResultsStore and checkpoints of registered models (used until train.run exists)."""
+    import torch
+
+    from galaxygen import checkpoint
+    from galaxygen.config import TrainConfig
+    from galaxygen.models import build_model
+
+    store = ResultsStore(root, SWEEP)
+    for i, dropout in enumerate((0.0, 0.2, 0.5)):
+        cfg = TrainConfig(model="mlp1", latent_dim=3, dropout=dropout, epochs=2, batch_size=16, data=str(cache))
+        trial_id = f"t{i}-{cfg.signature()}"
+        store.write_trial(trial_id, status="completed", config_hash=cfg.signature(), **cfg.to_dict(),
+                          start_time=1e9, end_time=1e9 + 30 + i, epochs_done=2)
+        for epoch in (1, 2):
+            store.write_metrics(trial_id, f"epoch-{epoch:05d}", epoch_rows(epoch, 20 * epoch, 1 + 0.1 * i))
+        torch.manual_seed(i)
+        model = build_model(cfg.resolved())
+        checkpoint.save(store.run_dir(trial_id) / "checkpoints" / "best.pt", config=cfg.to_dict(),
+                        model=model.state_dict(), epoch=2)
+    return store.dir
+
+
+def trained_sweep(root: Path, cache: Path) -> Path:
+    """Two tiny real trainings through galaxygen.train.run."""
+    from galaxygen.config import TrainConfig
+    from galaxygen.train import run
+
+    for dropout in (0.0, 0.3):
+        cfg = TrainConfig(model="mlp1", dropout=dropout, epochs=2, batch_size=16, data=str(cache), amp=False,
+                          log_every=1)
+        run(cfg, root, SWEEP, f"d{dropout}-{cfg.signature()}")
+    return root / SWEEP
+
+
+def add_broken_trials(sweep_dir: Path) -> None:
+    """A failed trial (no metrics, no checkpoint) and a running one with metrics but no checkpoint."""
+    store = ResultsStore(sweep_dir.parent, sweep_dir.name)
+    base = {k: v for k, v in store.trials().iloc[0].to_dict().items()
+            if k not in ("trial_id", "status", "error", "updated_time", "epochs_done", "end_time")}
+    key = "dropout" if "dropout" in base else None
+    store.write_trial("failed-trial", **{**base, **({key: 0.8} if key else {})}, status="failed",
+                      error="RuntimeError: simulated out of memory", epochs_done=0)
+    store.write_trial("nockpt-trial", **{**base, **({key: 0.35} if key else {})}, status="running", epochs_done=1)
+    store.write_metrics("nockpt-trial", "epoch-00001", epoch_rows(1, 20, 1.3))
+    first = str(store.trials().sort_values("trial_id").iloc[0]["trial_id"])
+    store.write_metrics(first, "eval-analysis-test", [
+        {"step": 99, "epoch": 2, "split": split, "metric": "morph_score", "value": value, "wall_time": 1e9}
+        for split, value in (("eval", 0.75), ("eval_real_vs_real", 0.1), ("eval_one_image", 3.0))])
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(request, tmp_path_factory) -> Path:
+    """The lead's `tiny_sweep` when conftest has it, else a tiny real training, else a hand-made store."""
+    root = tmp_path_factory.mktemp("results")
+    try:
+        source = Path(request.getfixturevalue("tiny_sweep"))
+        target = root / source.name
+        shutil.copytree(source, target)
+    except pytest.FixtureLookupError:
+        cache = blob_cache(tmp_path_factory.mktemp("data") / "blobs")
+        if importlib.util.find_spec("galaxygen.train") is not None:
+            target = trained_sweep(root, cache)
+        else:
+            target = hand_made_sweep(root, cache)
+    add_broken_trials(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def report(sweep_dir, tmp_path_factory) -> Path:
+    return build(sweep_dir, tmp_path_factory.mktemp("report"))
+
+
+def test_every_figure_and_table_is_written(report):
+    out = report.parent
+    for name in FIGURES:
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+        assert (out / f"{name}.pdf").stat().st_size > 1000, name
+    assert (out / "table.csv").is_file() and (out / "table.md").is_file()
+    assert report.name == "report.html"
+
+
+def test_loss_curves_have_one_line_per_trial_with_data(sweep_dir):
+    data = load_sweep(sweep_dir)
+    with_loss = {u for u in data.trials["uid"] if not data.metric(u, "train", "loss").empty}
+    assert "failed-trial" not in with_loss and "nockpt-trial" in with_loss
+    fig = plots.epoch_curves(data, "loss", "nats/image", "loss")
+    train_ax, val_ax = fig.axes[:2]
+    assert len(train_ax.get_lines()) == len(with_loss)
+    labels = [t.get_text() for t in train_ax.get_legend().get_texts()]
+    assert all("final" in lab for lab in labels[: len(with_loss)])
+    assert any("failed" in t.get_text() for leg in fig.legends + [a.get_legend() for a in fig.axes if a.get_legend()]
+               for t in leg.get_texts())
+    plots.plt.close(fig)
+
+
+def test_table_has_one_row_per_trial_matching_parquet(sweep_dir, report):
+    trials, metrics = load(sweep_dir.parent, sweep_dir.name)
+    table = pd.read_csv(report.parent / "table.csv")
+    assert sorted(table["trial_id"].astype(str)) == sorted(trials["trial_id"].astype(str))
+    epoch_level = metrics[~metrics["metric"].str.endswith("_step")]
+    for row in table.itertuples():
+        for split in ("train", "val"):
+            rows = epoch_level[(epoch_level.trial_id == row.trial_id) & (epoch_level.split == split)
+                               & (epoch_level.metric == "nelbo")]
+            got = getattr(row, f"{split}_nelbo_nats")
+            if rows.empty:
+                assert np.isnan(got)
+            else:
+                assert got == pytest.approx(rows.sort_values("epoch")["value"].iloc[-1], rel=1e-9)
+    evals = metrics[(metrics.split == "eval") & (metrics.metric == "morph_score")].set_index("trial_id")["value"]
+    assert table.set_index("trial_id")["morph_score"].dropna().to_dict() == evals.to_dict()
+    assert "real_vs_real_morph_score" not in table.columns
+    baselines = pd.read_csv(report.parent / "baselines.csv")
+    assert sorted(baselines["baseline"]) == ["one_image", "real_vs_real"]
+    failed = table.set_index("trial_id").loc["failed-trial"]
+    assert failed["status"] == "failed" and "simulated out of memory" in failed["error"]
+    assert table.set_index("trial_id").loc["nockpt-trial", "checkpoint"] == "none"
+    assert table["best"].sum() == 1
+    md = (report.parent / "table.md").read_text()
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ")]) == len(trials) + 1
+
+
+def test_swept_keys_inferred_and_from_sweep_json(sweep_dir):
+    trials, _ = load(sweep_dir.parent, sweep_dir.name)
+    keys = swept_keys(trials)
+    assert keys and all(trials[k].astype(str).nunique() > 1 for k in keys)
+    assert swept_keys(trials, {"name": "x", "varied": ["lr"]}) == ["lr"]
+    assert swept_keys(trials, {"varied": {"unknown_key": [1, 2]}}) == keys
+
+
+def test_report_shows_missing_pieces(report):
+    text = report.read_text()
+    assert "simulated out of memory" in text
+    assert "nockpt-trial" in text and "has no checkpoint" in text
+    assert len(re.findall(r'<img src="data:image/png;base64,', text)) == len(FIGURES)
+
+
+def test_light_concentration_orders_profiles():
+    yy, xx = np.mgrid[0:64, 0:64] - 31.5
+    r = np.hypot(xx, yy)
+    peaked = np.exp(-7.67 * (r / 8) ** 0.25)
+    gauss = np.exp(-0.5 * (r / 6) ** 2)
+    images = np.stack([np.repeat((255 * p / p.max())[..., None], 3, axis=2) for p in (peaked, gauss)]).astype(np.uint8)
+    c_peaked, c_gauss = light_concentration(images)
+    assert c_peaked > c_gauss
+    assert c_gauss == pytest.approx(5 * np.log10(np.sqrt(np.log(5) / np.log(1.25))), abs=0.35)
+
+
+def test_cli_rejects_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a sweep folder" in err
+
+
+def test_compare_puts_best_trials_side_by_side(sweep_dir, tmp_path):
+    other = tmp_path / "results" / "other-sweep"
+    shutil.copytree(sweep_dir, other, ignore=shutil.ignore_patterns("report"))
+    (other / "sweep.json").write_text(json.dumps({"name": "other-sweep"}))
+    page = build_comparison([sweep_dir, other], tmp_path / "cmp")
+    table = pd.read_csv(page.parent / "table.csv")
+    assert list(table["sweep"]) == [sweep_dir.name, "other-sweep"]
+    assert table["trial_id"].nunique() == 1  # the same best trial in both copies
+    best = comparison_table(load_sweep(sweep_dir)).query("best")["trial_id"].iloc[0]
+    assert table["trial_id"].iloc[0] == best
+    for name in ("loss_curves", "samples", "latent_concentration"):
+        assert (page.parent / f"{name}.png").is_file()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless chromium is not installed (apt-get install chromium)")
+def test_report_renders_every_figure_in_headless_chromium(report, tmp_path):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", "--virtual-time-budget=5000",
+           report.resolve().as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    match = re.search(r'data-images-decoded="(\d+)/(\d+)"', dom)
+    assert match, f"the page's load script did not run; DOM starts: {dom[:300]!r}"
+    decoded, total = map(int, match.groups())
+    assert total == len(FIGURES) and decoded == total
+
+
+def test_unreadable_checkpoint_is_reported_not_fatal(tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.figures import HeldOutSets, trial_outputs
+
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    row = SimpleNamespace(checkpoint=str(bad), status="completed", error=None, trial_id="x", data="")
+    out = trial_outputs(row, np.zeros((0, 64, 64, 3), np.uint8), HeldOutSets(8))
+    assert out.samples is None and out.reasons["samples"].startswith("checkpoint unreadable")
