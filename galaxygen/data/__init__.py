@@ -8,13 +8,13 @@ from pathlib import Path
 
 from galaxygen import home
 from galaxygen.data.cache import Cache, CacheError, CacheWriter
+from galaxygen.data.synth_model import GENERATOR_VERSION as SYNTH_VERSION
 
 __all__ = ["Cache", "CacheError", "CacheWriter", "default_cache", "DEFAULT_SYNTH_N"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYNTH_N = 4000
-SYNTH_VERSION = 1
 
 
 def default_cache(n: int = DEFAULT_SYNTH_N, seed: int = 0, size: int = 64, workers: int | None = None,
