@@ -49,4 +49,4 @@ def build_model(config) -> nn.Module:
     )
 
 
-from galaxygen.models import cnn, mlp  # noqa: E402,F401  (registration)
+from galaxygen.models import cnn, dcgan, mlp, resvae  # noqa: E402,F401  (registration)

@@ -1,0 +1,140 @@
+"""A DCGAN (Radford et al. 2016) stabilised by spectral normalisation and the hinge loss (Miyato et al. 2018).
+
+Layout for 64 px, width w (DCGAN's channel plan: 8w at 4x4, halving per doubling of the resolution):
+
+    generator      z --linear--> 8w x 4 --up--> 4w x 8 --up--> 2w x 16 --up--> w x 32 --up--> 3 x 64, sigmoid
+                   (each "up" is BatchNorm, ReLU, 4x4 stride-2 transposed conv)
+    discriminator  x in [0,1] -> 2x-1 --down--> w x 32 --down--> 2w x 16 --down--> 4w x 8 --down--> 8w x 4
+                   --linear--> one logit (each "down": spectrally normalised 4x4 stride-2 conv, LeakyReLU)
+
+Why these stabilisers:
+- Spectral normalisation of every discriminator layer bounds D's Lipschitz constant, so its gradients to the
+  generator neither explode nor vanish when D gets ahead: the failure mode of the report's GAN. It needs no
+  batch statistics, hence no BatchNorm in D, and it works the same on one process or under DDP.
+- The hinge loss (D: relu(1 - D(real)) + relu(1 + D(fake)); G: -D(fake)) is the loss spectral normalisation
+  was tuned with; it stops pushing D on examples it already separates by a margin, which keeps D from
+  saturating. The generator's loss never saturates either.
+- BatchNorm in the generator, as in DCGAN and SNGAN: on a toy distribution per-sample normalisations
+  (GroupNorm, PixelNorm) or none left the generator collapsed to one image for longer. Under DDP each rank
+  normalises with its own batch statistics; in eval mode `sample` uses the running statistics.
+The discriminator sees real images and generator outputs in one concatenated batch (one power iteration,
+one forward), never noise images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from galaxygen.models import register
+from galaxygen.models.resvae import BOTTLENECK, check_size
+
+
+def channels_at(resolution: int, width: int) -> int:
+    """Feature channels at a resolution: 8w at 4 px, halving per doubling down to w (at 32 px and above)."""
+    return width * min(8, max(1, 32 // resolution))
+
+
+class Generator(nn.Module):
+    """z (B, latent) -> images (B, 3, S, S) in [0, 1] through x2 transposed convolutions."""
+
+    def __init__(self, image_size: int, latent_dim: int, width: int):
+        super().__init__()
+        stages = check_size(image_size)
+        sizes = [BOTTLENECK * 2**i for i in range(stages + 1)]  # e.g. 4, 8, 16, 32, 64
+        deepest = channels_at(BOTTLENECK, width)
+        self.shape = (deepest, BOTTLENECK, BOTTLENECK)
+        self.latent_mapping = nn.Linear(latent_dim, deepest * BOTTLENECK * BOTTLENECK)
+        layers: list[nn.Module] = []
+        for small, big in zip(sizes[:-1], sizes[1:]):
+            c_in = channels_at(small, width)
+            c_out = 3 if big == image_size else channels_at(big, width)
+            layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(self.latent_mapping(z).view(-1, *self.shape)))
+
+
+class Discriminator(nn.Module):
+    """Images (B, 3, S, S) in [0, 1] -> logits (B,): spectrally normalised strided convs, LeakyReLU(0.2)."""
+
+    def __init__(self, image_size: int, width: int, dropout: float):
+        super().__init__()
+        stages = check_size(image_size)
+        sizes = [image_size // 2**i for i in range(stages + 1)]  # e.g. 64, 32, 16, 8, 4
+        layers: list[nn.Module] = []
+        c_in = 3
+        for small in sizes[1:]:
+            c_out = channels_at(small, width)
+            layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            c_in = c_out
+        layers += [nn.Flatten(), spectral_norm(nn.Linear(c_in * BOTTLENECK * BOTTLENECK, 1))]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(2 * x - 1).squeeze(1)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Within the block the module's parameters record no gradients (inputs still get theirs)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class DCGAN(nn.Module):
+    """Generator + spectrally normalised discriminator trained with the hinge loss (see module docstring)."""
+
+    kind = "gan"
+
+    def __init__(self, image_size: int, latent_dim: int, width: int, dropout: float):
+        super().__init__()
+        self.image_size = image_size
+        self.latent_dim = latent_dim
+        self.generator = Generator(image_size, latent_dim, width)
+        self.discriminator = Discriminator(image_size, width, dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n generated images (n, 3, S, S) in [0, 1] from z ~ N(0, I)."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return self.generator(z)
+
+    def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Hinge loss of D on real images and (detached) generator outputs, scored in one batch."""
+        logits = self.discriminator(torch.cat([real, fake.to(real.dtype)]))
+        d_real, d_fake = logits.float().split([len(real), len(fake)])
+        loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        return loss, {"loss_d": float(loss.detach()), "d_real": float(d_real.detach().mean()),
+                      "d_fake": float(d_fake.detach().mean())}
+
+    def g_loss(self, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Generator hinge loss -D(fake); D's parameters are frozen so its backward only reaches G."""
+        with frozen(self.discriminator):
+            d_fake = self.discriminator(fake).float()
+        loss = -d_fake.mean()
+        return loss, {"loss_g": float(loss.detach()), "d_fake": float(d_fake.detach().mean())}
+
+
+@register("dcgan", "DCGAN (BatchNorm G, spectral-norm D) with the hinge loss: the report's GAN, fixed",
+          latent_dim=64, width=32, dropout=0.0, lr=2e-4)
+def dcgan(image_size: int, latent_dim: int, width: int, dropout: float) -> nn.Module:
+    return DCGAN(image_size, latent_dim, width, dropout)

@@ -1,0 +1,274 @@
+"""Every registered model: shapes, that it learns a toy distribution, and the VAE maths (KL, reparameterisation,
+prior sampling). Models are taken from the registry, so a newly registered model is covered automatically."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from galaxygen.config import TrainConfig
+from galaxygen.losses import elbo_loss, kl_per_dim
+from galaxygen.models import MODELS, build_model
+from galaxygen.models.vae import reparameterize
+
+
+def build(name: str, image_size: int = 32, **overrides) -> torch.nn.Module:
+    """A registered model with its own defaults, some of them overridden."""
+    spec = MODELS[name]
+    hyper = {k: spec.defaults[k] for k in ("latent_dim", "width", "dropout")} | overrides
+    return spec.build(image_size=image_size, **hyper)
+
+
+def blobs(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Toy galaxies: centred grey Gaussian blobs of random radius and brightness on black, (n, 3, S, S)."""
+    axis = torch.arange(size) - (size - 1) / 2
+    r2 = axis[:, None] ** 2 + axis[None, :] ** 2
+    sigma = size * (0.06 + 0.12 * torch.rand(n, 1, 1, generator=generator))
+    brightness = 0.5 + 0.5 * torch.rand(n, 1, 1, generator=generator)
+    images = brightness * torch.exp(-r2 / (2 * sigma**2))
+    return images[:, None].expand(n, 3, size, size).contiguous()
+
+
+def centre_minus_corners(images: torch.Tensor) -> float:
+    """Mean brightness of the central 4x4 pixels minus that of the four 4x4 corners."""
+    c = images.shape[-1] // 2
+    centre = images[..., c - 2:c + 2, c - 2:c + 2].mean()
+    corners = torch.stack([images[..., :4, :4], images[..., :4, -4:], images[..., -4:, :4],
+                           images[..., -4:, -4:]]).mean()
+    return float(centre - corners)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run on one thread: the tests are small and the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ALL = sorted(MODELS)
+VAES = [name for name in ALL if build(name).kind == "vae"]
+GANS = [name for name in ALL if build(name).kind == "gan"]
+
+
+# --- the registry -------------------------------------------------------------------------------------------
+
+
+def test_registry_holds_the_report_models_and_the_stronger_ones():
+    assert {"mlp1", "mlp2", "cnn", "cnn3", "resvae", "dcgan"} <= set(MODELS)
+    assert set(VAES) >= {"mlp1", "mlp2", "cnn", "cnn3", "resvae"} and set(GANS) >= {"dcgan"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_resolves_and_builds_every_model(name: str):
+    config = TrainConfig(model=name, image_size=32).resolved()
+    assert None not in (config.latent_dim, config.width, config.dropout, config.lr)
+    model = build_model(config)
+    assert model.latent_dim == config.latent_dim and model.kind in ("vae", "gan")
+
+
+# --- shapes at 64 and 32 px ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [64, 32])
+@pytest.mark.parametrize("name", VAES)
+def test_vae_shapes(name: str, size: int):
+    model = build(name, size)
+    x = torch.rand(4, 3, size, size)
+    for training in (True, False):
+        model.train(training)
+        logits, mu, logvar = model(x)
+        assert logits.shape == (4, 3, size, size)
+        assert mu.shape == logvar.shape == (4, model.latent_dim)
+        assert torch.isfinite(logits).all()
+    samples = model.sample(5)
+    assert samples.shape == (5, 3, size, size) and samples.min() >= 0 and samples.max() <= 1
+    assert model.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("size", [64, 32])
+@pytest.mark.parametrize("name", GANS)
+def test_gan_shapes(name: str, size: int):
+    model = build(name, size)
+    z = torch.randn(4, model.latent_dim)
+    images = model.generator(z)
+    assert images.shape == (4, 3, size, size) and images.min() >= 0 and images.max() <= 1
+    assert model.discriminator(images).shape == (4,)
+    assert model(z).shape == images.shape
+    for training in (True, False):
+        model.train(training)
+        samples = model.sample(5)
+        assert samples.shape == (5, 3, size, size) and samples.min() >= 0 and samples.max() <= 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sampling_is_reproducible_with_a_generator(name: str):
+    model = build(name).eval()
+    first = model.sample(3, generator=torch.Generator().manual_seed(7))
+    again = model.sample(3, generator=torch.Generator().manual_seed(7))
+    other = model.sample(3, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("name", ["resvae", "dcgan"])
+def test_stronger_models_reject_sizes_that_are_not_powers_of_two(name: str):
+    with pytest.raises(ValueError, match="power-of-two"):
+        build(name, 48)
+
+
+# --- the VAE maths ------------------------------------------------------------------------------------------
+
+
+def test_kl_matches_torch_closed_form_and_a_monte_carlo_estimate():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(2, 3), torch.randn(2, 3)
+    q, p = Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)
+    assert torch.allclose(kl_per_dim(mu, logvar), kl_divergence(q, p), atol=1e-6)
+    z = q.sample((200_000,))
+    log_ratio = q.log_prob(z) - p.log_prob(z)
+    monte_carlo, stderr = log_ratio.mean(0), log_ratio.std(0) / math.sqrt(len(z))
+    assert ((monte_carlo - kl_per_dim(mu, logvar)).abs() < 5 * stderr + 1e-3).all()
+    assert torch.equal(kl_per_dim(torch.zeros(3), torch.zeros(3)), torch.zeros(3))
+
+
+def test_reparameterize_draws_normal_samples_with_mean_mu_and_std_exp_half_logvar():
+    torch.manual_seed(0)
+    n = 400_000
+    mu, logvar = torch.full((n,), 1.5), torch.full((n,), math.log(0.25), requires_grad=True)
+    z = reparameterize(mu, logvar)
+    eps = ((z - 1.5) / 0.5).detach()
+    assert abs(float(z.detach().mean()) - 1.5) < 0.005 and abs(float(z.detach().std()) - 0.5) < 0.005
+    assert abs(float(eps.pow(4).mean()) - 3.0) < 0.1  # kurtosis: 3 for a normal, 1.8 for a uniform
+    assert abs(float((eps.abs() > 2).float().mean()) - 0.0455) < 0.002  # a uniform has none beyond 2 sigma
+    z.sum().backward()  # pathwise gradient: dz/dlogvar = eps * sigma / 2
+    assert torch.allclose(logvar.grad, eps * 0.25, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VAES)
+def test_vae_sample_decodes_z_from_the_standard_normal_prior(name: str, monkeypatch: pytest.MonkeyPatch):
+    model = build(name).eval()
+    seen: list[torch.Tensor] = []
+
+    def record(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z)
+        return torch.zeros(len(z), 3, 32, 32)
+
+    monkeypatch.setattr(model, "decode_logits", record)
+    images = model.sample(4000)
+    (z,) = seen
+    assert z.shape == (4000, model.latent_dim)
+    assert z.mean(0).abs().max() < 0.08 and (z.std(0) - 1).abs().max() < 0.06
+    assert torch.equal(images, torch.full_like(images, 0.5))  # decode applies the sigmoid to the logits
+
+
+@pytest.mark.parametrize("name", VAES)
+def test_vae_forward_samples_z_in_training_and_uses_mu_in_eval(name: str, monkeypatch: pytest.MonkeyPatch):
+    torch.manual_seed(0)
+    model = build(name)
+    seen: list[torch.Tensor] = []
+    decode = model.decode_logits
+    monkeypatch.setattr(model, "decode_logits", lambda z: seen.append(z) or decode(z))
+    x = blobs(16, 32)
+
+    with torch.no_grad():
+        _, mu, logvar = model.train()(x)
+    eps = (seen[-1] - mu) / torch.exp(0.5 * logvar)
+    assert (eps != 0).all() and eps.abs().max() < 6 and abs(float(eps.std()) - 1) < 0.5
+
+    _, mu, _ = model.eval()(x)
+    assert torch.equal(seen[-1], mu)
+    again, _, _ = model(x)
+    assert torch.equal(model(x)[0], again)  # eval forward is deterministic
+
+
+# --- learning -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VAES)
+def test_vae_elbo_goes_down_on_a_fixed_batch(name: str):
+    torch.manual_seed(0)
+    model = build(name)
+    x = blobs(8, 32, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)  # brisker than the defaults: only 30 steps
+
+    def nelbo() -> float:
+        """The negative ELBO of the batch in eval mode (z = mu, no dropout): deterministic."""
+        model.eval()
+        with torch.no_grad():
+            logits, mu, logvar = model(x)
+            return float(elbo_loss(logits, x, mu, logvar).nelbo)
+
+    before = nelbo()
+    for _ in range(30):
+        model.train()
+        logits, mu, logvar = model(x)
+        loss = elbo_loss(logits, x, mu, logvar).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = nelbo()
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", GANS)
+def test_gan_discriminator_scores_real_images_and_generator_outputs(name: str):
+    torch.manual_seed(0)
+    model = build(name, latent_dim=8, width=4)
+    real, fake = blobs(6, 32), model.generator(torch.randn(5, 8))
+    shown: list[torch.Tensor] = []
+    model.discriminator.register_forward_pre_hook(lambda module, args: shown.append(args[0]))
+
+    loss_d, parts = model.d_loss(real, fake.detach())
+    assert torch.equal(shown[-1], torch.cat([real, fake.detach()]))  # the generator's images, not noise
+    assert {"loss_d", "d_real", "d_fake"} <= set(parts) and math.isclose(parts["loss_d"], loss_d.item())
+    loss_d.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.discriminator.parameters())
+    assert all(p.grad is None for p in model.generator.parameters())
+
+    model.discriminator.zero_grad(set_to_none=True)
+    loss_g, parts = model.g_loss(fake)
+    assert shown[-1] is fake and "loss_g" in parts
+    loss_g.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+    assert all(p.grad is None for p in model.discriminator.parameters())  # the G step leaves D alone
+    assert all(p.requires_grad for p in model.discriminator.parameters())
+
+
+@pytest.mark.parametrize("name", GANS)
+def test_gan_learns_centred_blobs(name: str):
+    torch.manual_seed(0)
+    model = build(name, latent_dim=16, width=8)
+    real_mean = blobs(2048, 32, torch.Generator().manual_seed(1)).mean(0)
+
+    def gap() -> tuple[float, float]:
+        """Mean absolute distance of the mean sample to the mean real image, and the sample's contrast."""
+        fake_mean = model.sample(512, generator=torch.Generator().manual_seed(2)).mean(0)
+        return float((fake_mean - real_mean).abs().mean()), centre_minus_corners(fake_mean)
+
+    distance_before, contrast_before = gap()
+    lr = 1e-3
+    opt_g = torch.optim.AdamW(model.generator.parameters(), lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.AdamW(model.discriminator.parameters(), lr, betas=(0.5, 0.999))
+    losses_d = []
+    for _ in range(150):  # the lead's training step, at a toy-sized learning rate and batch
+        real = blobs(16, 32)
+        fake = model.generator(torch.randn(16, model.latent_dim))
+        loss_d, parts = model.d_loss(real, fake.detach())
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        losses_d.append(parts["loss_d"])
+        loss_g, _ = model.g_loss(fake)
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+    distance_after, contrast_after = gap()
+
+    assert abs(losses_d[0] - 2) < 0.5 and min(losses_d) < 1.0  # hinge loss starts at ~2, D learns to separate
+    assert abs(contrast_before) < 0.1 and contrast_after > 0.25, (contrast_before, contrast_after)  # real: 0.67
+    assert distance_after < 0.3 * distance_before, (distance_before, distance_after)
