@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="Galaxy Zoo 2 folder, Kaggle Galaxy Challenge folder, Galaxy10 .h5 file or a folder of images")
     p.add_argument("--out", required=True, help="output cache folder")
     p.add_argument("--format", choices=("auto", "gz2", "kaggle", "galaxy10", "folder"), default="auto")
-    p.add_argument("--crop", type=positive, default=207, help="central crop in source pixels (of 424) before resizing (default 207)")
+    p.add_argument("--crop", type=positive, default=207,
+                   help="central crop in pixels of a 424 px frame before resizing (default 207); other frame sizes crop the same fraction")
     p.add_argument("--size", type=positive, default=64, help="output size in pixels (default 64)")
     p.add_argument("--workers", type=positive, default=os.cpu_count(), help="decoder processes (default: all cores)")
     p.add_argument("--splits", type=fractions, default=DEFAULT_FRACTIONS, help="train,val,test fractions (default 0.8,0.1,0.1)")
+    p.add_argument("--force", action="store_true", help="re-pack even when the existing cache matches source and options")
     return parser
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             from galaxygen.data.pack import pack
 
             out = pack(args.source, args.out, fmt=args.format, crop=args.crop, size=args.size,
-                       workers=args.workers, fractions=args.splits)
+                       workers=args.workers, fractions=args.splits, force=args.force)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -77,6 +77,8 @@ class CacheWriter:
 
     def __init__(self, out: str | os.PathLike, n: int, size: int):
         self.out = Path(out)
+        if self.out.exists() and any(self.out.iterdir()) and not (self.out / MANIFEST).exists():
+            raise CacheError(f"{self.out} exists and is not a galaxygen cache: refusing to replace it (choose another --out)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
