@@ -24,7 +24,7 @@ from sweeps import spaces
 
 log = logging.getLogger("sweeps.launch")
 
-DEFAULT_EPOCHS = 3
+DEFAULT_EPOCHS = 5
 
 
 def slurm_available() -> bool:
