@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 0.0
     amp: bool = True
-    log_every: int = 20
+    log_every: int = 25
     eval_n: int = 0
     data: str = ""
 

@@ -34,7 +34,7 @@ from galaxygen.results import ResultsStore, atomic_write_json, epoch_report
 
 log = logging.getLogger(__name__)
 
-HELD_OUT_PROBE = 64  # images in the fixed held-out batch scored every `log_every` steps
+HELD_OUT_PROBE = 32  # images in the fixed held-out batch scored every `log_every` steps
 GRID = 32  # samples in the prior grid logged to TensorBoard
 
 
