@@ -197,6 +197,8 @@ class Trainer:
             opt.load_state_dict(opt_state)
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         checkpoint.set_rng_state(state["rng"])
+        if self.env.is_main and state.get("epoch_rows"):
+            self.store.write_metrics(self.trial_id, f"epoch-{self.epoch:05d}", state["epoch_rows"])
         log.info("resumed %s from epoch %d", self.trial_id, self.epoch)
         return True
 
@@ -220,7 +222,6 @@ class Trainer:
             rows += self.validate()
             self.epoch += 1
             if main:
-                self.store.write_metrics(self.trial_id, f"epoch-{self.epoch:05d}", rows)
                 import pandas as pd
 
                 summary = epoch_report(pd.DataFrame(rows), self.epoch)
@@ -228,9 +229,11 @@ class Trainer:
                 val = summary.get("val_loss", math.inf)
                 improved = val < self.best
                 self.best = min(self.best, val)
-                checkpoint.save(self.ckpt_dir / "last.pt", **self.state())
+                # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing
+                checkpoint.save(self.ckpt_dir / "last.pt", **self.state(), epoch_rows=rows)
                 if improved or not (self.ckpt_dir / "best.pt").exists():
                     checkpoint.save(self.ckpt_dir / "best.pt", **self.state())
+                self.store.write_metrics(self.trial_id, f"epoch-{self.epoch:05d}", rows)
                 self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_val_loss=self.best)
                 if report is not None:
                     report(summary)

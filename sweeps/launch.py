@@ -133,7 +133,7 @@ def progress_callback(varies: list[str]):
     return Progress()
 
 
-def run_sweep(args, sweep: spaces.Sweep, base: dict) -> int:
+def run_sweep(args, sweep: spaces.Sweep, base: dict, slurm_options=None) -> int:
     """Run the sweep with Ray Tune; returns the number of failed trials."""
     import ray
     from ray import tune
@@ -148,8 +148,6 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict) -> int:
                        "base": base, "trials": [c.resolved().signature() for c in configs],
                        "command": sys.argv, "started": time.time()}, store.dir / "sweep.json")
     backend = args.backend
-    if backend == "auto":
-        backend = "slurm" if slurm_available() else "local"
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, num_gpus=0 if backend == "slurm" else None, include_dashboard=False,
              dashboard_host="127.0.0.1", _temp_dir=ray_temp_dir(results), logging_level=logging.WARNING,
@@ -157,7 +155,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict) -> int:
     if backend == "slurm":
         from sweeps import slurm
 
-        trainable = slurm.make_trainable(results, sweep.name, slurm.options_from_args(args))
+        trainable = slurm.make_trainable(results, sweep.name, slurm_options)
         concurrent = args.max_concurrent or len(configs)
     else:
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
@@ -231,6 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.backend == "auto":
+        args.backend = "slurm" if slurm_available() else "local"
+    slurm_options = None
+    if args.backend == "slurm":
+        from sweeps import slurm
+
+        try:
+            slurm_options = slurm.options_from_args(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.dry_run:
         for c in configs:
             print(c.resolved().signature(), json.dumps({k: getattr(c, k) for k in sweep.varies}))
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         from galaxygen.data import default_cache
 
         base["data"] = str(default_cache())
-    failed = run_sweep(args, sweep, base)
+    failed = run_sweep(args, sweep, base, slurm_options)
     store = ResultsStore(Path(args.results).resolve(), sweep.name)
     print()
     print_table(store, [c.resolved().signature() for c in spaces.expand(sweep, base, args.samples, args.seed)],

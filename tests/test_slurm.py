@@ -1,0 +1,427 @@
+"""The SLURM backend: option parsing and the sbatch script, then real jobs on the local cluster.
+
+The tests marked `slurm` need `slurm/local-cluster.sh start` (tests/run.sh and .ci/run do it as root);
+they are skipped, with the reason, when no controller answers, except under CI=true where they fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from galaxygen.config import TrainConfig
+from galaxygen.results import ResultsStore
+from sweeps import slurm
+from sweeps.slurm import Driver, SlurmJobRef, SlurmOptions, SlurmOptionsError, TrialPoller
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def slurm_problem() -> str | None:
+    """Why SLURM cannot be used here, or None when a controller answers and a node is up."""
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return "SLURM client commands are not installed (run: sudo slurm/local-cluster.sh start)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"sinfo failed: {err}"
+    if out.returncode != 0:
+        return f"no SLURM controller answers ({out.stderr.strip()}); run: sudo slurm/local-cluster.sh start"
+    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in out.stdout.split()):
+        return f"no usable SLURM node (states: {out.stdout.split()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = slurm_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests, but {problem}")
+        pytest.skip(problem)
+
+
+def options(**changes) -> SlurmOptions:
+    """Fast polling for tests (the defaults suit a real cluster)."""
+    return SlurmOptions(**{"poll_s": 0.5, "squeue_s": 2.0, "heartbeat_s": 300.0, "timeout_min": 20, **changes})
+
+
+def tiny_config(cache: Path, **changes) -> TrainConfig:
+    return TrainConfig.from_dict({"model": "cnn", "batch_size": 16, "log_every": 4, "data": str(cache), "epochs": 1,
+                                  **changes})
+
+
+def squeue(*args: str) -> list[tuple[str, str, str]]:
+    """(job id, name, state) of the jobs squeue lists (`-t all` includes recently finished ones)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T", *args], capture_output=True, text=True, check=True)
+    return [tuple(line.split("|")) for line in out.stdout.splitlines() if line]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_gone(job_id: str) -> bool:
+    return all(state not in slurm.ACTIVE_STATES for jid, _, state in squeue("-t", "all") if jid == job_id)
+
+
+def assert_clean_metrics(store: ResultsStore, trial_id: str, epochs: int) -> None:
+    metrics = store.metrics(trial_id)
+    assert sorted(metrics["epoch"].unique()) == list(range(1, epochs + 1))
+    dupes = metrics.duplicated(["epoch", "step", "split", "metric"])
+    assert not dupes.any(), metrics[dupes]
+
+
+# -- options, profiles and the sbatch script (no cluster needed) ------------------------------------------
+
+
+def test_profile_then_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("GALAXYGEN_SLURM_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "nothing"))
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text("slurm:\n  partition: gpu\n  account: astro\n  gpus-per-node: 4\n  mem_gb: 64\n"
+                       "  sbatch: ['--mail-type=FAIL']\n  setup: ['module load cuda/12.4']\n")
+    parser = argparse.ArgumentParser()
+    slurm.add_arguments(parser)
+    opts = slurm.options_from_args(parser.parse_args(
+        ["--slurm-profile", str(profile), "--partition", "debug", "--sbatch=--exclusive", "--timeout-min", "30"]))
+    assert (opts.partition, opts.account, opts.gpus_per_node, opts.tasks, opts.mem_gb, opts.timeout_min) == \
+        ("debug", "astro", 4, 4, 64.0, 30)
+    assert opts.sbatch == ("--mail-type=FAIL", "--exclusive")
+    assert opts.setup == ("module load cuda/12.4",)
+
+    toml = tmp_path / "cluster.toml"
+    toml.write_text('partition = "a100"\ncpus_per_task = 8\nheartbeat_s = 0\n')
+    monkeypatch.setenv("GALAXYGEN_SLURM_PROFILE", str(toml))
+    opts = slurm.options_from_args(parser.parse_args([]))
+    assert (opts.partition, opts.cpus_per_task, opts.heartbeat_s, opts.tasks) == ("a100", 8, 0.0, 1)
+    assert slurm.options_from_args(parser.parse_args(["--slurm-no-snapshot"])).snapshot is False
+
+    toml.write_text('partitoin = "a100"\n')
+    with pytest.raises(SlurmOptionsError, match="unknown SLURM option 'partitoin': allowed nodes, "):
+        slurm.options_from_args(parser.parse_args([]))
+    with pytest.raises(SlurmOptionsError, match=r"invalid SLURM option nodes=0: allowed an integer >= 1"):
+        SlurmOptions(nodes=0)
+    with pytest.raises(SlurmOptionsError, match="does not exist"):
+        slurm.load_profile(tmp_path / "missing.yaml")
+    with pytest.raises(SlurmOptionsError, match="invalid sbatch line"):
+        SlurmOptions(sbatch=("--=FAIL",))
+
+
+def test_launcher_accepts_the_slurm_flags(tmp_path, monkeypatch):
+    from sweeps.launch import build_parser
+
+    monkeypatch.delenv("GALAXYGEN_SLURM_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+
+    args = build_parser().parse_args(["dropout", "--backend", "slurm", "--gpus-per-node", "2", "--partition", "p",
+                                      "--sbatch", "#SBATCH --exclusive"])
+    opts = slurm.options_from_args(args)
+    assert (opts.gpus_per_node, opts.tasks, opts.partition, opts.sbatch) == (2, 2, "p", ("#SBATCH --exclusive",))
+
+
+def test_sbatch_script_golden():
+    """The whole generated sbatch script: any change to it shows up here as a diff."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    opts = SlurmOptions(nodes=2, gpus_per_node=4, cpus_per_task=8, mem_gb=64, timeout_min=720, partition="gpu",
+                        account="astro", qos="high", constraint="a100",
+                        sbatch=("--mail-type=FAIL", "#SBATCH --exclusive"), setup=("module load cuda/12.4",))
+    driver = Driver("login1:42", "/home/me/galaxygen", "/home/me/galaxygen/.venv/bin/python", {},
+                    "/scratch/me/results/search/code/0123456789ab")
+    params = slurm.executor_parameters(opts, driver, "search-abcdef0123")
+    script = _make_sbatch_string(command="PYTHON -u -m submitit.core._submit FOLDER", folder="/f", **params)
+    expected = """#!/bin/bash
+
+# Parameters
+#SBATCH --account=astro
+#SBATCH --chdir=/home/me/galaxygen
+#SBATCH --constraint=a100
+#SBATCH --cpus-per-task=8
+#SBATCH --error=/f/%j_0_log.err
+#SBATCH --exclusive
+#SBATCH --gpus-per-node=4
+#SBATCH --job-name=search-abcdef0123
+#SBATCH --mail-type=FAIL
+#SBATCH --mem=64G
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --open-mode=append
+#SBATCH --output=/f/%j_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --qos=high
+#SBATCH --signal=USR2@120
+#SBATCH --time=720
+#SBATCH --wckey=submitit
+
+# setup
+export PYTHONPATH=/scratch/me/results/search/code/0123456789ab${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONSAFEPATH=1
+export GALAXYGEN_CODE=/scratch/me/results/search/code/0123456789ab
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+module load cuda/12.4
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /f/%j_%t_log.out --error /f/%j_%t_log.err --kill-on-bad-exit=1 \
+PYTHON -u -m submitit.core._submit FOLDER
+"""
+    assert script == expected.replace("\\\n", "")
+
+
+def test_driver_environment_drops_slurm_and_ray_variables(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "100")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    monkeypatch.setenv("RAY_ADDRESS", "x")
+    monkeypatch.setenv("GALAXYGEN_HOME", "/data")
+    env = Driver.here().environ
+    assert "SLURM_JOB_ID" not in env and "SLURM_MEM_PER_CPU" not in env and "RAY_ADDRESS" not in env
+    assert env["SLURM_CONF"] == "/etc/slurm/slurm.conf" and env["GALAXYGEN_HOME"] == "/data"
+
+
+def test_code_snapshot_is_a_content_addressed_copy(tmp_path):
+    root = tmp_path / "src"
+    for pkg in slurm.PACKAGES:
+        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "galaxygen" / "__pycache__").mkdir(exist_ok=True)
+    (root / "galaxygen" / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    first = slurm.snapshot_code(tmp_path / "code", root)
+    assert slurm.snapshot_code(tmp_path / "code", root) == first
+    assert (first / "sweeps" / "slurm_job.py").read_text() == (REPO / "sweeps" / "slurm_job.py").read_text()
+    assert not list(first.rglob("__pycache__")) and json.loads((first / "SNAPSHOT.json").read_text())["files"] > 10
+    with open(root / "galaxygen" / "__init__.py", "a") as f:
+        f.write("# edited while a sweep runs\n")
+    second = slurm.snapshot_code(tmp_path / "code", root)
+    assert second != first and "edited" not in (first / "galaxygen" / "__init__.py").read_text()
+
+
+def test_scripts_have_help():
+    for script in ("local-cluster.sh", "sweep.sh", "tensorboard.sh"):
+        out = subprocess.run(["bash", str(REPO / "slurm" / script), "--help"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "Usage" in out.stdout or "usage" in out.stdout
+    out = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "launch"], capture_output=True, text=True)
+    assert out.returncode == 2 and "allowed install, start, stop, status, restart" in out.stderr
+
+
+def test_tensorboard_script_binds_localhost_and_prints_the_tunnel(tmp_path):
+    (tmp_path / "sweep" / "runs").mkdir(parents=True)
+    proc = subprocess.Popen(["bash", str(REPO / "slurm" / "tensorboard.sh"), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "TensorBoard" in line and "Press CTRL+C" in line:
+                break
+        text = "".join(lines)
+        assert "ssh -N -L" in text and ":127.0.0.1:" in text, text
+        served = re.search(r"TensorBoard \S+ at http://127\.0\.0\.1:(\d+)/", text)
+        assert served, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.group(1)}/", timeout=30) as page:
+            assert page.status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+# -- real jobs on the local cluster ---------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_sweep_sh_runs_a_tiny_dropout_sweep(cluster, blob_cache, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    cmd = ["sbatch", "--wait", "--parsable", "--output", str(results / "sweep-%j.out"), "slurm/sweep.sh", "dropout",
+           "--data", str(blob_cache), "--epochs", "1", "--grid", "dropout=0.1,0.5", "--set", "batch_size=16",
+           "--set", "log_every=4", "--results", str(results), "--no-figures", "--slurm-poll-s", "1",
+           "--slurm-squeue-s", "2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    logs = "\n".join(p.read_text()[-4000:] for p in results.glob("sweep-*.out"))
+    assert out.returncode == 0, out.stdout + out.stderr + logs
+    store = ResultsStore(results, "dropout")
+    trials = store.trials()
+    assert sorted(trials["dropout"]) == [0.1, 0.5] and set(trials["status"]) == {"completed"}, trials
+    assert trials["job_id"].notna().all()
+    metrics = store.metrics()
+    assert set(metrics["trial_id"]) == set(trials["trial_id"])
+    for trial_id in trials["trial_id"]:
+        assert_clean_metrics(store, trial_id, 1)
+        assert list((store.run_dir(trial_id) / "tb").glob("events.out.tfevents.*"))
+        assert list((store.dir / "slurm_logs" / trial_id).glob("*/*_0_log.out"))
+    snapshots = list((store.dir / "code").glob("*/SNAPSHOT.json"))
+    assert len(snapshots) == 1
+    err_logs = "".join(p.read_text() for p in (store.dir / "slurm_logs").glob("*/*/*_0_log.err"))
+    assert f"code from {snapshots[0].parent}/galaxygen" in err_logs
+    names = {f"dropout-{t}" for t in trials["trial_id"]}
+    assert not [j for j in squeue() if j[1] in names or j[0] == out.stdout.strip()], squeue()
+
+
+def ddp_probe(config: dict, results: str) -> dict:
+    """Runs in each task of a 2-task job: train, then a digest of this rank's parameters."""
+    from galaxygen import distributed
+    from galaxygen.train import Trainer
+
+    env = distributed.read_env()
+    device = distributed.setup(env)
+    try:
+        cfg = TrainConfig.from_dict(config).resolved()
+        trainer = Trainer(cfg, ResultsStore(results, "ddp"), cfg.signature(), env, device)
+        summary = trainer.fit()
+        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in trainer.model.parameters()))
+        return {"rank": env.rank, "world": env.world_size, "digest": digest.hexdigest(), "summary": summary,
+                "port": os.environ.get("MASTER_PORT"), "backend": str(__import__("torch").distributed.get_backend())}
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.slurm
+def test_two_task_job_trains_with_ddp_and_both_ranks_agree(cluster, blob_cache, tmp_path):
+    config = tiny_config(blob_cache, epochs=1).to_dict()
+    opts = options(tasks_per_node=2, cpus_per_task=1, setup=(f"export PYTHONPATH={REPO}",))
+    driver = Driver.here()
+    job = slurm.submit(functools.partial(ddp_probe, config, str(tmp_path)), tmp_path / "logs", opts, driver, "ddp")
+    assert job.tasks == 2
+    wait_until(lambda: len(job.results()) == 2 or (job.outcome() or ("",))[0] == "failed" or job_gone(job.job_id), 240,
+               "both tasks' results")
+    results = job.results()
+    assert set(results) == {0, 1}, (results, job.log_tail())
+    assert all(kind == "success" for kind, _ in results.values()), results
+    ranks = {value["rank"]: value for _, value in results.values()}
+    assert set(ranks) == {0, 1} and {r["world"] for r in ranks.values()} == {2}
+    assert {r["backend"] for r in ranks.values()} == {"gloo"}
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["port"] == str(15000 + int(job.job_id) % 20000)
+    trials = ResultsStore(tmp_path, "ddp").trials()
+    assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
+
+
+@pytest.mark.slurm
+def test_usr2_requeues_and_the_trial_resumes_without_duplicates(cluster, blob_cache, tmp_path):
+    epochs = 4
+    poller = TrialPoller(tiny_config(blob_cache, epochs=epochs), tmp_path, "requeue", options(),
+                         Driver.here(slurm.snapshot_code(tmp_path / "requeue" / "code")))
+    poller.start()
+    last_pt = poller.store.run_dir(poller.trial_id) / "checkpoints" / "last.pt"
+    reports = []
+    while not reports or not reports[-1].get("done"):
+        reports.append(poller.next_report())
+        if len(reports) == 1:
+            wait_until(last_pt.exists, 60, "the epoch-1 checkpoint", interval=0.1)
+            subprocess.run(["scancel", "--signal=USR2", poller.job.job_id], check=True)
+    assert [r["epoch"] for r in reports] == list(range(1, epochs + 1))
+    assert all("val_loss" in r for r in reports)
+    row = poller.store.read_trial(poller.trial_id)
+    assert row["status"] == "completed" and row["epochs_done"] == epochs
+    assert_clean_metrics(poller.store, poller.trial_id, epochs)
+    log_text = Path(poller.job.log_path(0, "err")).read_text()
+    assert "Requeued job" in log_text and "restarts 1" in log_text, log_text[-3000:]
+    assert "resumed " in log_text, log_text[-3000:]
+
+
+@pytest.mark.slurm
+def test_tune_early_stop_cancels_the_job_and_a_failing_job_records_its_traceback(cluster, blob_cache, tmp_path):
+    import ray
+    from ray import tune
+
+    results = tmp_path / "r"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/ray-t{os.getpid()}",
+             logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        trainable = slurm.make_trainable(results, "stop", options())
+        base = tiny_config(blob_cache, epochs=30).to_dict()
+        space = {**base, "data": tune.grid_search([str(blob_cache), str(tmp_path / "no-such-cache")])}
+        grid = tune.Tuner(trainable, param_space=space,
+                          tune_config=tune.TuneConfig(metric="val_loss", mode="min"),
+                          run_config=tune.RunConfig(storage_path=str(results / "stop" / "ray"), stop={"epoch": 1},
+                                                    verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    by_data = {r.config["data"]: r for r in grid}
+    good, bad = by_data[str(blob_cache)], by_data[str(tmp_path / "no-such-cache")]
+    assert good.error is None and good.metrics["epoch"] == 1
+    assert bad.error is not None and "is not a galaxygen cache" in str(bad.error)
+    store = ResultsStore(results, "stop")
+    trials = store.trials().set_index("data")
+    stopped, failed = trials.loc[str(blob_cache)], trials.loc[str(tmp_path / "no-such-cache")]
+    assert failed["status"] == "failed"
+    assert "Traceback" in failed["error"] and "CacheError" in failed["error"] and "submitit" in failed["error"]
+    assert stopped["status"] == "stopped" and stopped["epochs_done"] < 30
+    wait_until(lambda: job_gone(str(stopped["job_id"])), 60, f"job {stopped['job_id']} to leave squeue")
+    states = {jid: state for jid, _, state in squeue("-t", "all")}
+    assert states.get(str(stopped["job_id"]), "CANCELLED") == "CANCELLED"
+    assert not [j for j in squeue() if j[1].startswith("stop-")]
+
+
+@pytest.mark.slurm
+def test_a_job_whose_driver_is_gone_cancels_itself(cluster, blob_cache, tmp_path):
+    poller = TrialPoller(tiny_config(blob_cache, epochs=200), tmp_path, "orphan", options(heartbeat_s=3.0),
+                         Driver.here(slurm.snapshot_code(tmp_path / "orphan" / "code")))
+    poller.start()  # ... and never polls again, like a driver killed with SIGKILL
+    wait_until(lambda: job_gone(poller.job.job_id), 150, "the orphaned job to cancel itself")
+    row = poller.store.read_trial(poller.trial_id)
+    assert row["status"] == "stopped" and "heartbeat" in row["error"], row
+    assert len(poller.store.metrics(poller.trial_id)["epoch"].unique()) < 200
+    states = {jid: state for jid, _, state in squeue("-t", "all")}
+    assert states.get(poller.job.job_id, "CANCELLED") == "CANCELLED"
+
+
+@pytest.mark.slurm
+def test_driver_exit_cancels_its_unfinished_jobs(cluster, blob_cache, tmp_path):
+    driver = Driver.here(slurm.snapshot_code(tmp_path / "exit" / "code"))
+    poller = TrialPoller(tiny_config(blob_cache, epochs=200), tmp_path, "exit", options(), driver)
+    poller.start()
+    other = Driver("elsewhere:1", driver.cwd, driver.python, driver.environ, driver.code)
+    assert slurm.cancel_driver_jobs(tmp_path / "exit", other.tag) == []
+    assert slurm.cancel_driver_jobs(tmp_path / "exit", driver.tag) == [poller.job.job_id]
+    wait_until(lambda: job_gone(poller.job.job_id), 60, "the cancelled job to leave squeue")
+    assert poller.store.read_trial(poller.trial_id)["status"] == "stopped"
+    assert json.loads((poller.dir / "job.json").read_text())["finished"] is True
+
+
+@pytest.mark.slurm
+def test_local_cluster_status(cluster):
+    out = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "status"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "slurmctld: running" in out.stdout, out.stdout + out.stderr
+
+
+def test_job_ref_reads_results_without_sacct(tmp_path):
+    from submitit.core.utils import cloudpickle_dump
+
+    job = SlurmJobRef("123", str(tmp_path), tasks=2)
+    assert job.outcome() is None
+    cloudpickle_dump(("success", {"epoch": 3}), job.result_path(0))
+    assert job.outcome() == ("completed", {"epoch": 3})
+    cloudpickle_dump(("error", "Traceback ...\nValueError: boom"), job.result_path(1))
+    assert job.outcome() == ("failed", "Traceback ...\nValueError: boom")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
