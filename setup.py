@@ -22,7 +22,7 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "galsim>=2.5",
-        "statmorph>=0.5",
+        "statmorph>=0.7",
         "photutils>=1.9",
         "scikit-image>=0.21",
         "pillow>=10",
@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             "galaxygen-data=galaxygen.data.__main__:main",
             "galaxygen-train=galaxygen.train:main",
+            "galaxygen-evaluate=galaxygen.evaluate.__main__:main",
             "galaxygen-sweep=sweeps.launch:main",
             "galaxygen-figures=analysis.figures:main",
             "galaxygen-compare=analysis.compare:main",

@@ -57,6 +57,9 @@ def main() -> None:
     cache = Cache.open(data)
     config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch, data=data).resolved()
     train = to_float(cache.images[cache.indices("train")])
+    # warm-up, untimed: the first ~60 steps of a process run several times slower (allocator and
+    # oneDNN warm-up), which would otherwise bias whichever loop runs first
+    reference(config, train[:2048], 1)
     before = reference(config, train, args.epochs)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()

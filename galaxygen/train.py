@@ -238,6 +238,8 @@ class Trainer:
                 if report is not None:
                     report(summary)
         if main:
+            if self.config.eval_n:
+                self.evaluate()
             if not summary:
                 summary = epoch_report(self.store.metrics(self.trial_id), self.epoch)
             self.writer.add_hparams(hparams(self.config), {f"hparam/{k}": v for k, v in summary.items() if k != "epoch"},
@@ -246,6 +248,24 @@ class Trainer:
             self.store.write_trial(self.trial_id, status="completed", end_time=time.time(), epochs_done=self.epoch,
                                    best_val_loss=self.best)
         return summary
+
+    def evaluate(self) -> None:
+        """Sample-quality metrics of the final model beside the dataset's baselines (split "eval")."""
+        from galaxygen.evaluate import baseline_metrics, evaluate_model, metric_rows
+
+        self.model.eval()
+        try:
+            n = self.config.eval_n
+            metrics = evaluate_model(self.model, self.config, self.cache, n=n, workers=1, seed=self.config.seed,
+                                     progress=False)
+            baselines = baseline_metrics(self.cache, n, workers=1, progress=False)
+        except Exception as err:  # a failed measurement must not cost the trained model
+            log.exception("evaluation of %s failed", self.trial_id)
+            self.store.write_trial(self.trial_id, status="running", error=f"evaluation failed: {type(err).__name__}: {err}")
+            return
+        self.store.write_metrics(self.trial_id, "eval", metric_rows(metrics, baselines, self.step, self.epoch))
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"eval/{key}", value, self.epoch)
 
     def train_epoch(self) -> list[dict]:
         self.model.train()

@@ -25,6 +25,7 @@ from sweeps import spaces
 log = logging.getLogger("sweeps.launch")
 
 DEFAULT_EPOCHS = 5
+DEFAULT_EVAL_N = 64
 
 
 def slurm_available() -> bool:
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="ad-hoc sweep values")
     p.add_argument("--no-figures", action="store_true", help="skip rebuilding the figures at the end")
-    p.add_argument("--eval-n", type=int, default=None, help="generated samples scored per trial (0 = off)")
+    p.add_argument("--eval-n", type=int, default=DEFAULT_EVAL_N,
+                   help=f"generated samples scored per trial at its end (default {DEFAULT_EVAL_N}; 0 = off)")
     p.add_argument("--dry-run", action="store_true", help="print the trial configs and exit")
     try:
         from sweeps import slurm
@@ -88,8 +90,7 @@ def resolve_sweep(args) -> tuple[spaces.Sweep, dict]:
             raise ConfigError(f"--data {args.data} is not a galaxygen cache (no manifest.json); make one with "
                               "`python -m galaxygen.data pack` or `synth`")
         base["data"] = str(Path(args.data).resolve())
-    if args.eval_n is not None:
-        base["eval_n"] = args.eval_n
+    base.setdefault("eval_n", args.eval_n)
     TrainConfig.from_dict(base)
     return sweep, base
 
@@ -248,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         from galaxygen.data import default_cache
 
         base["data"] = str(default_cache())
+    if base["eval_n"]:
+        from galaxygen.evaluate import prepare
+
+        log.info("preparing the evaluation reference of %s (domain encoder, real statistics, baselines; once per dataset)",
+                 base["data"])
+        prepare(base["data"], base["eval_n"], workers=os.cpu_count() or 1)
     failed = run_sweep(args, sweep, base, slurm_options)
     store = ResultsStore(Path(args.results).resolve(), sweep.name)
     print()

@@ -54,10 +54,10 @@ def run_launcher(args: list[str], results, timeout: float = 600, **kwargs):
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, blob_cache):
-    """A real two-trial Ray Tune sweep (dropout 0.1 and 0.5, 2 epochs, tiny data); returns RESULTS/dropout."""
+    """A real two-trial Ray Tune sweep (dropout 0.1 and 0.5, 2 epochs, tiny data, evaluated); returns RESULTS/dropout."""
     results = tmp_path_factory.mktemp("results")
     proc = run_launcher(["dropout", "--backend", "local", "--data", str(blob_cache), "--epochs", "2",
                          "--grid", "dropout=0.1,0.5", "--set", "batch_size=16", "--set", "log_every=4",
-                         "--no-figures"], results)
+                         "--eval-n", "16", "--no-figures"], results)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return results / "dropout"

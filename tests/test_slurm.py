@@ -261,7 +261,7 @@ def test_sweep_sh_runs_a_tiny_dropout_sweep(cluster, blob_cache, tmp_path):
     cmd = ["sbatch", "--wait", "--parsable", "--output", str(results / "sweep-%j.out"), "slurm/sweep.sh", "dropout",
            "--data", str(blob_cache), "--epochs", "1", "--grid", "dropout=0.1,0.5", "--set", "batch_size=16",
            "--set", "log_every=4", "--results", str(results), "--no-figures", "--slurm-poll-s", "1",
-           "--slurm-squeue-s", "2"]
+           "--slurm-squeue-s", "2", "--eval-n", "0"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     logs = "\n".join(p.read_text()[-4000:] for p in results.glob("sweep-*.out"))
     assert out.returncode == 0, out.stdout + out.stderr + logs

@@ -93,6 +93,13 @@ def test_a_real_tiny_sweep_fills_the_parquet_store(tiny_sweep):
         assert set(own[own.split == "val"].metric) >= {"loss", "nelbo", "bits_per_dim", "recon", "kl"}
     assert not metrics.duplicated(["trial_id", "epoch", "step", "split", "metric"]).any()
     assert "dropout" in metrics.columns  # config columns joined
+    evals = metrics[metrics.split == "eval"]
+    for trial_id in trials.trial_id:  # every trial is scored at its end, beside the dataset's baselines
+        own = evals[evals.trial_id == trial_id].set_index("metric")["value"]
+        assert {"fid_domain", "kid_domain", "kmeans_occupancy_error", "memorisation_ratio"} <= set(own.index)
+        assert own["fid_domain"] > 0
+    floor = metrics[(metrics.split == "eval_real_vs_real") & (metrics.metric == "fid_domain")].value
+    assert len(floor) == 2 and (floor < evals[evals.metric == "fid_domain"].value.min()).all()
     duckdb = pytest.importorskip("duckdb")
     n = duckdb.sql(f"SELECT count(*) FROM '{tiny_sweep}/metrics/*/*.parquet'").fetchall()[0][0]
     assert n == len(metrics)
@@ -103,7 +110,7 @@ def test_a_real_tiny_sweep_fills_the_parquet_store(tiny_sweep):
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, blob_cache):
     proc = run_launcher(["fail", "--backend", "local", "--data", str(blob_cache), "--epochs", "1",
-                         "--grid", "image_size=64,32", "--set", "batch_size=16", "--no-figures"], tmp_path)
+                         "--grid", "image_size=64,32", "--set", "batch_size=16", "--no-figures", "--eval-n", "0"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     trials = ResultsStore(tmp_path, "fail").trials().set_index("image_size")
     assert trials.loc[64, "status"] == "completed"
@@ -113,7 +120,8 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, blob_cache)
 
 def test_driver_killed_mid_sweep_then_rerun_finishes_without_rerunning(tmp_path, blob_cache):
     args = ["resume", "--backend", "local", "--data", str(blob_cache), "--epochs", "2", "--max-concurrent", "1",
-            "--grid", "dropout=0.1,0.3,0.5", "--set", "batch_size=16", "--no-figures", "--results", str(tmp_path)]
+            "--grid", "dropout=0.1,0.3,0.5", "--set", "batch_size=16", "--no-figures", "--eval-n", "0",
+            "--results", str(tmp_path)]
     driver = subprocess.Popen([sys.executable, "-m", "sweeps.launch", *args], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     store = ResultsStore(tmp_path, "resume")

@@ -50,7 +50,7 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_shift: float = 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
 class BatchLoader:

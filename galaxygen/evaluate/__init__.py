@@ -1,0 +1,161 @@
+"""Offline, galaxy-aware sample-quality metrics of a generative model (issue 7).
+
+`evaluate_model(model, config, cache, n, workers, seed)` draws n samples from the prior and returns
+flat metrics (see `METRICS` for names and directions); `baseline_metrics(cache, n)` gives the same metrics
+for real-vs-real and a one-image generator. Real-side statistics and the domain encoder are cached
+per dataset under `galaxygen.home()/encoders/`, so each call pays only for its own samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METRICS", "MORPH_STATS", "evaluate_model", "evaluate_images", "baseline_metrics", "metric_rows",
+           "sample_images", "open_cache", "prepare", "direction", "latent_probes"]
+
+MORPH_STATS = ("concentration", "asymmetry", "smoothness", "gini", "m20", "ellipticity", "sersic_n", "r_half")
+# name -> "lower" (lower is better), "higher" (higher is better), "one" (1 is ideal) or "info"
+METRICS: dict[str, str] = {
+    **{f"morph_w_{s}": "lower" for s in MORPH_STATS},
+    "morph_score": "lower",
+    "morph_kept_frac": "higher",
+    "morph_kept_frac_gap": "lower",
+    "fid_domain": "lower",
+    "kid_domain": "lower",
+    "fid_inception": "lower",
+    "kid_inception": "lower",
+    "kmeans_occupancy_error": "lower",
+    "kmeans_centroid_dist": "lower",
+    "kmeans_centroid_dist_ratio": "one",
+    "memorisation_ratio": "higher",
+    "memorisation_copy_frac": "lower",
+    "probe_r2_*": "higher",
+    "eval_n": "info",
+}
+DEFAULT_N = 100
+
+
+def direction(metric: str) -> str:
+    """'lower', 'higher', 'one' or 'info' for a metric name."""
+    return "higher" if metric.startswith("probe_r2_") else METRICS.get(metric, "info")
+
+
+def open_cache(cache=None, config=None):
+    """A Cache from a Cache, a path, the config's `data`, or the built-in synthetic galaxies."""
+    from galaxygen.data import Cache, default_cache
+
+    if isinstance(cache, Cache):
+        return cache
+    if cache is None or cache == "":
+        cache = getattr(config, "data", "") or default_cache()
+    return Cache.open(cache)
+
+
+@torch.no_grad()
+def sample_images(model: torch.nn.Module, n: int, seed: int = 0, batch_size: int = 256) -> np.ndarray:
+    """n samples from the model's prior as uint8 (n, S, S, 3), deterministic for a seed."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    takes_generator = "generator" in inspect.signature(model.sample).parameters
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(0, n, batch_size):
+            k = min(batch_size, n - i)
+            x = model.sample(k, generator=generator) if takes_generator else model.sample(k)
+            parts.append((x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(parts)
+
+
+def prepare(cache=None, n: int = DEFAULT_N, workers: int = 1, progress: bool = True, inception=None):
+    """Train the encoder and compute the real-side statistics and baselines for n (call before a sweep)."""
+    from galaxygen.evaluate import baselines as base
+    from galaxygen.evaluate.reference import Reference
+
+    ref = Reference(open_cache(cache), n, workers, progress, inception)
+    ref.real_morphology(np.concatenate([ref.rows_a, ref.rows_b]))
+    ref.real_ratios()
+    base.load_or_compute(ref)
+    return ref
+
+
+def baseline_metrics(cache=None, n: int = DEFAULT_N, workers: int = 1, progress: bool = True,
+                     inception=None) -> dict[str, dict[str, float]]:
+    """{"real_vs_real": metrics, "one_image": metrics} for this dataset and n (cached)."""
+    from galaxygen.evaluate import baselines as base
+
+    stored = base.load_or_compute(prepare(cache, n, workers, progress, inception))
+    return {name: stored[name] for name in base.NAMES}
+
+
+def evaluate_images(images: np.ndarray, cache=None, workers: int = 1, progress: bool = True,
+                    inception=None, morph=None) -> dict[str, float]:
+    """Metrics of uint8 (N, S, S, 3) images against the dataset's held-out galaxies (N is capped as n)."""
+    from galaxygen.evaluate.reference import Reference
+
+    ref = Reference(open_cache(cache), len(images), workers, progress, inception)
+    return _compare(ref, np.asarray(images)[: ref.n], morph)
+
+
+def _compare(ref, images: np.ndarray, morph=None) -> dict[str, float]:
+    out = ref.compare(images, morph=None if morph is None else morph.iloc[: ref.n].reset_index(drop=True))
+    out["eval_n"] = float(ref.n)
+    return out
+
+
+def latent_probes(model: torch.nn.Module, ref) -> dict[str, float]:
+    """probe_r2_<param>: held-out R^2 of linear probes from the posterior mean (VAEs, datasets with labels)."""
+    from galaxygen.evaluate import baselines as base
+    from galaxygen.evaluate import probes
+
+    if not hasattr(model, "encode") or not ref.meta["labels"]:
+        return {}
+    train_rows, test_rows = base.probe_rows(ref)
+    was_training = model.training
+    mu_train = probes.posterior_means(model, ref.cache.images[train_rows])
+    mu_test = probes.posterior_means(model, ref.cache.images[test_rows])
+    model.train(was_training)
+    return probes.probe_r2(mu_train, base.truth(ref, train_rows), mu_test, base.truth(ref, test_rows))
+
+
+def evaluate_model(model: torch.nn.Module, config=None, cache=None, n: int = DEFAULT_N, workers: int = 1,
+                   seed: int = 0, progress: bool = True, inception: str | os.PathLike | None = None,
+                   morph=None) -> dict[str, float]:
+    """Sample n galaxies from the prior (seeded) and return every metric as a flat {name: value} dict.
+
+    cache: a Cache, a cache path, or None for `config.data` / the built-in synthetic galaxies.
+    n is capped at half the held-out pool (val + test). `morph` (optional) is a precomputed
+    morphology.measure table of the samples (the sharded SLURM path).
+    """
+    from galaxygen.evaluate.reference import Reference
+
+    start = time.time()
+    ref = Reference(open_cache(cache, config), n, workers, progress, inception)
+    out = _compare(ref, sample_images(model, ref.n, seed), morph)
+    out.update(latent_probes(model, ref))
+    log.info("evaluated %d samples in %.1f s", ref.n, time.time() - start)
+    return out
+
+
+def metric_rows(metrics: dict[str, float], base: dict[str, dict[str, float]] | None = None, step: int = 0,
+                epoch: int = 0) -> list[dict]:
+    """Rows for ResultsStore.write_metrics: split "eval", and "eval_real_vs_real" / "eval_one_image" for baselines."""
+    now = time.time()
+    rows = [dict(step=step, epoch=epoch, split="eval", metric=k, value=float(v), wall_time=now)
+            for k, v in metrics.items()]
+    for name, values in (base or {}).items():
+        rows += [dict(step=step, epoch=epoch, split=f"eval_{name}", metric=k, value=float(v), wall_time=now)
+                 for k, v in values.items() if k in metrics]
+    return rows
