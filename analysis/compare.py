@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from analysis.figures import N_LATENT, render
+from analysis.figures import N_LATENT, add_figure_options, render
 from analysis.tables import AnalysisError, combine, load_sweep
 
 
@@ -42,13 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweeps", type=Path, nargs="+", help="sweep folders RESULTS/SWEEP")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/comparisons/A+B)")
     parser.add_argument("--all", action="store_true", help="every trial of every sweep, not only the best ones")
-    parser.add_argument("--latent-n", type=int, default=N_LATENT, help="held-out galaxies in the latent plots")
-    parser.add_argument("--statmorph", action="store_true",
-                        help="measure the statmorph concentration when the evaluation has not (~0.3 s/galaxy/core)")
+    add_figure_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.latent_n < 1:
-        parser.exit(2, f"error: --latent-n must be an integer >= 1, got {args.latent_n}\n")
     try:
         page = build_comparison(args.sweeps, args.out, all_trials=args.all, n_latent=args.latent_n,
                                 statmorph=args.statmorph)

@@ -30,6 +30,7 @@ from analysis.tables import (
     short,
     write_table,
 )
+from galaxygen.cli import positive
 
 log = logging.getLogger(__name__)
 
@@ -405,17 +406,20 @@ def build(sweep_dir: Path, out: Path | None = None, *, n_latent: int = N_LATENT,
     return render(data, out, str(Path(sweep_dir).resolve()), n_latent=n_latent, statmorph=statmorph)
 
 
+def add_figure_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by analysis.figures and analysis.compare."""
+    parser.add_argument("--latent-n", type=positive, default=N_LATENT, help="held-out galaxies in the latent plots")
+    parser.add_argument("--statmorph", action="store_true",
+                        help="measure the statmorph concentration when the evaluation has not (~0.3 s/galaxy/core)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.figures", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", type=Path, help="the sweep folder RESULTS/SWEEP")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/SWEEP/report)")
-    parser.add_argument("--latent-n", type=int, default=N_LATENT, help="held-out galaxies in the latent plots")
-    parser.add_argument("--statmorph", action="store_true",
-                        help="measure the statmorph concentration when the evaluation has not (~0.3 s/galaxy/core)")
+    add_figure_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.latent_n < 1:
-        parser.exit(2, f"error: --latent-n must be an integer >= 1, got {args.latent_n}\n")
     try:
         page = build(args.sweep, args.out, n_latent=args.latent_n, statmorph=args.statmorph)
     except AnalysisError as exc:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from galaxygen.cli import positive
 from galaxygen.splits import DEFAULT_FRACTIONS
 
 
@@ -18,16 +19,6 @@ def fractions(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or abs(sum(parts) - 1) > 1e-6 or min(parts) < 0:
         raise argparse.ArgumentTypeError(f"--splits must be three fractions train,val,test summing to 1 (e.g. 0.8,0.1,0.1), got {text!r}")
     return parts
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,17 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from galaxygen.cli import positive
+
 log = logging.getLogger("galaxygen.evaluate")
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def shard_spec(text: str) -> tuple[int, int]:
