@@ -169,7 +169,6 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, slurm_options=None) -> int:
         param_space=spaces.param_space(sweep, base),
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", scheduler=scheduler, num_samples=args.samples or sweep.samples,
-            max_concurrent_trials=concurrent,
             search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=concurrent),
             trial_dirname_creator=lambda t: f"{t.trial_id}",
         ),
