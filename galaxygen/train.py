@@ -227,7 +227,8 @@ class Trainer:
                 summary = epoch_report(pd.DataFrame(rows), self.epoch)
                 self.log_epoch(summary)
                 val = summary.get("val_loss", math.inf)
-                improved = val < self.best
+                # a GAN has no held-out likelihood to select by: its best checkpoint is its latest
+                improved = val < self.best or isinstance(self.objective, GANObjective)
                 self.best = min(self.best, val)
                 # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing
                 checkpoint.save(self.ckpt_dir / "last.pt", **self.state(), epoch_rows=rows)

@@ -272,3 +272,5 @@ def test_gan_learns_centred_blobs(name: str):
     assert abs(losses_d[0] - 2) < 0.5 and min(losses_d) < 1.0  # hinge loss starts at ~2, D learns to separate
     assert abs(contrast_before) < 0.1 and contrast_after > 0.25, (contrast_before, contrast_after)  # real: 0.67
     assert distance_after < 0.3 * distance_before, (distance_before, distance_after)
+    model.eval()  # figures and evaluation sample in eval mode: the samples must be the same galaxies, not noise
+    assert gap()[1] > 0.25 and gap()[0] < 0.3 * distance_before

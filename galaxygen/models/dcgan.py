@@ -16,7 +16,8 @@ Why these stabilisers:
   saturating. The generator's loss never saturates either.
 - BatchNorm in the generator, as in DCGAN and SNGAN: on a toy distribution per-sample normalisations
   (GroupNorm, PixelNorm) or none left the generator collapsed to one image for longer. Under DDP each rank
-  normalises with its own batch statistics; in eval mode `sample` uses the running statistics.
+  normalises with its own batch statistics, and so does `sample`, in either mode: running statistics
+  (track_running_stats) lag the generator and turned eval-mode samples into noise.
 The discriminator sees real images and generator outputs in one concatenated batch (one power iteration,
 one forward), never noise images.
 """
@@ -54,7 +55,8 @@ class Generator(nn.Module):
         for small, big in zip(sizes[:-1], sizes[1:]):
             c_in = channels_at(small, width)
             c_out = 3 if big == image_size else channels_at(big, width)
-            layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+            layers += [nn.BatchNorm2d(c_in, track_running_stats=False), nn.ReLU(),
+                       nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
