@@ -5,12 +5,13 @@
 Ours includes memory-mapped loading, batched augmentation, step logging with the held-out probe,
 TensorBoard, Parquet and per-epoch checkpoints. The reference trains the same model with the same
 loss and optimiser on tensors already in memory, with no augmentation, logging or checkpoints.
-Both run in this process; the reference runs before and after ours and its better figure is used.
+Both run in this process, interleaved --repeats times after an untimed warm-up; the means are compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -21,6 +22,7 @@ from galaxygen.data import Cache, default_cache
 from galaxygen.data.loader import to_float
 from galaxygen.losses import elbo_loss
 from galaxygen.models import build_model
+from galaxygen.results import ResultsStore
 from galaxygen.train import run
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="cnn")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved measurements of each loop (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = args.data or str(default_cache())
@@ -60,17 +63,16 @@ def main() -> None:
     # warm-up, untimed: the first ~60 steps of a process run several times slower (allocator and
     # oneDNN warm-up), which would otherwise bias whichever loop runs first
     reference(config, train[:2048], 1)
-    before = reference(config, train, args.epochs)
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        summary = run(config, out, "bench", "ours")
-        wall = time.perf_counter() - start
-        from galaxygen.results import ResultsStore
-
-        m = ResultsStore(out, "bench").metrics("ours")
-        rates = m[(m.metric == "images_per_s") & (m.split == "train")].value
-    ours = float(rates.mean())
-    ref = max(before, reference(config, train, args.epochs))  # reference measured before and after ours
+    refs, ours, walls = [], [], []
+    for rep in range(args.repeats):  # interleaved, so drifting machine load hits both loops alike
+        refs.append(reference(config, train, args.epochs))
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            summary = run(config, out, "bench", f"ours{rep}")
+            walls.append(time.perf_counter() - start)
+            m = ResultsStore(out, "bench").metrics(f"ours{rep}")
+        ours.append(float(m[(m.metric == "images_per_s") & (m.split == "train")].value.mean()))
+    ref, ours, wall = statistics.mean(refs), statistics.mean(ours), statistics.mean(walls)
     overall = len(train) // args.batch * args.batch * args.epochs / wall
     print(f"model {args.model}, batch {args.batch}, {len(train)} train images, {args.epochs} epochs, {args.threads} threads")
     print(f"reference loop (tensors in RAM, no augmentation/logging): {ref:8.1f} images/s")
