@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from galaxygen.config import TrainConfig
 from galaxygen.models import build_model
+from galaxygen.results import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -33,21 +35,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(_literal(state["python"]))
-
-
-def _literal(text: str):
-    import ast
-
-    return ast.literal_eval(text)
+    random.setstate(ast.literal_eval(state["python"]))
 
 
 def save(path: Path, **payload) -> None:
     """Write a checkpoint atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -80,14 +80,11 @@ def teardown() -> None:
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
     """Average a tensor over all ranks (identity in one process)."""
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
+    return all_sum(values) / dist.get_world_size() if dist.is_initialized() else values
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (identity in one process)."""
     if dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -41,26 +43,37 @@ METRIC_SCHEMA = pa.schema(
 STATUSES = ("pending", "running", "completed", "failed", "stopped")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path` to write to; then fsync it and rename it over `path`.
+
+    Readers see the old file or the new one, never a partial one; a writer killed mid-write leaves only
+    a hidden temporary, which pyarrow.dataset and ResultsStore skip. `suffix` keeps writers that append
+    their own extension (np.save, np.savez) on the temporary name.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_parquet(table: pa.Table | pd.DataFrame, path: Path) -> None:
-    """Write a Parquet file under a hidden temporary name, fsync, then rename over `path`."""
+    """Write a Parquet file atomically (see `atomic_path`)."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def atomic_write_json(obj, path: Path) -> None:

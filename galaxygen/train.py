@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -222,8 +223,6 @@ class Trainer:
             rows += self.validate()
             self.epoch += 1
             if main:
-                import pandas as pd
-
                 summary = epoch_report(pd.DataFrame(rows), self.epoch)
                 self.log_epoch(summary)
                 val = summary.get("val_loss", math.inf)

@@ -90,6 +90,10 @@ def resolve_sweep(args) -> tuple[spaces.Sweep, dict]:
             raise ConfigError(f"--data {args.data} is not a galaxygen cache (no manifest.json); make one with "
                               "`python -m galaxygen.data pack` or `synth`")
         base["data"] = str(Path(args.data).resolve())
+    else:  # the built-in synthetic galaxies' path, so trial ids are final; rendered only when the sweep runs
+        from galaxygen.data import default_cache
+
+        base["data"] = str(default_cache(create=False))
     base.setdefault("eval_n", args.eval_n)
     TrainConfig.from_dict(base)
     return sweep, base
@@ -134,7 +138,7 @@ def progress_callback(varies: list[str]):
     return Progress()
 
 
-def run_sweep(args, sweep: spaces.Sweep, base: dict, slurm_options=None) -> int:
+def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm_options=None) -> int:
     """Run the sweep with Ray Tune; returns the number of failed trials."""
     import ray
     from ray import tune
@@ -144,9 +148,8 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, slurm_options=None) -> int:
     results = Path(args.results).resolve()
     store = ResultsStore(results, sweep.name)
     store.dir.mkdir(parents=True, exist_ok=True)
-    configs = spaces.expand(sweep, base, args.samples, args.seed)
     atomic_write_json({"name": sweep.name, "description": sweep.description, "varies": sweep.varies,
-                       "base": base, "trials": [c.resolved().signature() for c in configs],
+                       "base": base, "trials": trial_ids,
                        "command": sys.argv, "started": time.time()}, store.dir / "sweep.json")
     backend = args.backend
     cpus = os.cpu_count() or 1
@@ -157,7 +160,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, slurm_options=None) -> int:
         from sweeps import slurm
 
         trainable = slurm.make_trainable(results, sweep.name, slurm_options)
-        concurrent = args.max_concurrent or len(configs)
+        concurrent = args.max_concurrent or len(trial_ids)
     else:
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
         trainable = tune.with_resources(local_trainable(results, sweep.name, args.cpus_per_trial), resources)
@@ -177,11 +180,11 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, slurm_options=None) -> int:
                                   callbacks=[progress_callback(sweep.varies)]),
     )
     log.info("sweep %s: %d trials on the %s backend, %d at a time; results in %s",
-             sweep.name, len(configs), backend, concurrent, store.dir)
+             sweep.name, len(trial_ids), backend, concurrent, store.dir)
     try:
         tuner.fit()
     finally:
-        reconcile(store, [c.resolved().signature() for c in configs])
+        reconcile(store, trial_ids)
         ray.shutdown()
     return int((store.trials()["status"] == "failed").sum())
 
@@ -240,25 +243,25 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    trial_ids = [c.resolved().signature() for c in configs]
     if args.dry_run:
-        for c in configs:
-            print(c.resolved().signature(), json.dumps({k: getattr(c, k) for k in sweep.varies}))
+        for trial_id, c in zip(trial_ids, configs):
+            print(trial_id, json.dumps({k: getattr(c, k) for k in sweep.varies}))
         return 0
-    if "data" not in base:
+    if not (Path(base["data"]) / "manifest.json").exists():
         from galaxygen.data import default_cache
 
-        base["data"] = str(default_cache())
+        default_cache()
     if base["eval_n"]:
         from galaxygen.evaluate import prepare
 
         log.info("preparing the evaluation reference of %s (domain encoder, real statistics, baselines; once per dataset)",
                  base["data"])
         prepare(base["data"], base["eval_n"], workers=os.cpu_count() or 1)
-    failed = run_sweep(args, sweep, base, slurm_options)
+    failed = run_sweep(args, sweep, base, trial_ids, slurm_options)
     store = ResultsStore(Path(args.results).resolve(), sweep.name)
     print()
-    print_table(store, [c.resolved().signature() for c in spaces.expand(sweep, base, args.samples, args.seed)],
-                sweep.varies)
+    print_table(store, trial_ids, sweep.varies)
     if not args.no_figures:
         try:
             from analysis.figures import build

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from galaxygen.cli import positive
+from galaxygen.results import atomic_path
 
 log = logging.getLogger("galaxygen.evaluate")
 
@@ -102,9 +103,8 @@ def run_shard(args, model, ref) -> int:
     table = morphology.measure(images[block], args.workers, not args.no_progress)
     table.insert(0, "sample", block)
     path = shard_path(folder, ref.n, args.seed, index, count)
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
     real = np.concatenate([ref.rows_a, ref.rows_b])
     ref.real_morphology(np.array_split(real, count)[index], exclusive=False)
     print(path)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 
 from galaxygen.evaluate import encoder, probes
 from galaxygen.evaluate.reference import STATS_VERSION, Reference
+from galaxygen.results import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ def load_or_compute(ref: Reference) -> dict[str, dict[str, float]]:
             stored = json.loads(path.read_text()) if path.exists() else {}
             if key not in stored:
                 stored[key] = compute(ref)
-                tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-                tmp.write_text(json.dumps(stored, indent=2, default=float))
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps(stored, indent=2, default=float))
     return stored[key]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from galaxygen import home
 from galaxygen.data.cache import Cache, content_hash
+from galaxygen.results import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +236,10 @@ def train(cache: Cache, out: Path, config: dict | None = None, progress: bool = 
         "labels": labels, "target_mean": mean.tolist(), "target_std": std.tolist(), "n_train": int(len(train_rows)),
         "val_r2": val_r2, "train_seconds": round(time.time() - start, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".encoder.pt.tmp-{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out / "encoder.pt")
-    tmp = out / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "config.json")
+    with atomic_path(out / "encoder.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
     log.info("trained the domain encoder in %.1f s (median val R^2 %.2f) -> %s", meta["train_seconds"],
              float(np.median(list(val_r2.values()))) if val_r2 else float("nan"), out)
     return model, meta

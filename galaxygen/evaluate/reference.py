@@ -21,6 +21,7 @@ import pandas as pd
 
 from galaxygen.data.cache import Cache
 from galaxygen.evaluate import diversity, encoder, features, memorisation, morphology
+from galaxygen.results import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,8 @@ MAX_MEMO_CALIBRATION = 500
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 class Reference:
@@ -134,9 +134,8 @@ class Reference:
             known = pd.read_parquet(path) if path.exists() else None
             if known is not None:
                 fresh = pd.concat([known, fresh[~fresh["row"].isin(known["row"])]], ignore_index=True)
-            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-            fresh.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fresh.to_parquet(tmp, index=False)
         return fresh
 
     def memorisation_banks(self) -> tuple[np.ndarray, np.ndarray]:
@@ -154,9 +153,8 @@ class Reference:
         rows = self.rest[:MAX_MEMO_CALIBRATION]
         train_bank, a_bank = self.memorisation_banks()
         values = memorisation.ratios(memorisation.pixel_vectors(self.cache.images[rows]), train_bank, a_bank)
-        tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.npy"
-        np.save(tmp, values)
-        os.replace(tmp, path)
+        with atomic_path(path, ".npy") as tmp:
+            np.save(tmp, values)
         return values
 
     def compare(self, images: np.ndarray, morph: pd.DataFrame | None = None,
@@ -187,7 +185,6 @@ class Reference:
         if path.exists():
             return np.load(path)
         values = self.inception(self.cache.images[self.rows_a])
-        tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.npy"
-        np.save(tmp, values)
-        os.replace(tmp, path)
+        with atomic_path(path, ".npy") as tmp:
+            np.save(tmp, values)
         return values
