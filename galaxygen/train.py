@@ -30,7 +30,7 @@ from galaxygen.config import ConfigError, TrainConfig, parse_assignments
 from galaxygen.data import Cache, default_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
 from galaxygen.losses import elbo_loss, warmup_factor
-from galaxygen.models import build_model
+from galaxygen.models import build_model, memory_format
 from galaxygen.results import ResultsStore, atomic_write_json, epoch_report
 
 log = logging.getLogger(__name__)
@@ -168,13 +168,16 @@ class Trainer:
         val_idx = self.cache.indices("val")
         if len(val_idx) == 0:
             raise ConfigError(f"the cache {self.cache.path} has no val split")
+        self.model = build_model(config)
+        layout = memory_format(self.model)
+        self.model.to(device, memory_format=layout)
         per_rank = config.batch_size // env.world_size
         self.train_loader = BatchLoader(self.cache.images, train_idx, per_rank, augment=config.augment,
-                                        seed=config.seed, rank=env.rank, world_size=env.world_size, device=device)
+                                        seed=config.seed, rank=env.rank, world_size=env.world_size, device=device,
+                                        memory_format=layout)
         self.val_loader = BatchLoader(self.cache.images, val_idx, per_rank, shuffle=False, rank=env.rank,
-                                      world_size=env.world_size, drop_last=False, device=device)
-        self.probe = to_float(self.cache.images[val_idx[:HELD_OUT_PROBE]]).to(device)
-        self.model = build_model(config).to(device)
+                                      world_size=env.world_size, drop_last=False, device=device, memory_format=layout)
+        self.probe = to_float(self.cache.images[val_idx[:HELD_OUT_PROBE]], layout).to(device)
         objective = GANObjective if getattr(self.model, "kind", "vae") == "gan" else VAEObjective
         self.objective = objective(self.model, config, env, device)
         self.epoch = 0

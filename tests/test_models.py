@@ -12,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 
 from galaxygen.config import TrainConfig
 from galaxygen.losses import elbo_loss, kl_per_dim
-from galaxygen.models import MODELS, build_model
+from galaxygen.models import MODELS, build_model, memory_format
 from galaxygen.models.vae import reparameterize
 
 
@@ -184,6 +184,30 @@ def test_vae_forward_samples_z_in_training_and_uses_mu_in_eval(name: str, monkey
     assert torch.equal(seen[-1], mu)
     again, _, _ = model(x)
     assert torch.equal(model(x)[0], again)  # eval forward is deterministic
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_training_layout_gives_the_same_outputs_and_gradients(name: str):
+    """Trainer moves conv models and their batches to channels-last (faster); the maths must not change."""
+    torch.manual_seed(0)
+    reference = build(name)
+    fast = build(name)
+    fast.load_state_dict(reference.state_dict())
+    layout = memory_format(fast)
+    assert (layout == torch.channels_last) == any(isinstance(m, torch.nn.Conv2d) for m in fast.modules())
+    fast.to(memory_format=layout)
+    x = blobs(4, 32, torch.Generator().manual_seed(1))
+    outputs = []
+    for model, batch in ((reference, x), (fast, x.contiguous(memory_format=layout))):
+        model.eval()
+        out = model(batch)[0] if model.kind == "vae" else model.discriminator(batch)
+        out.sum().backward()
+        outputs.append((out, [p.grad for p in model.parameters() if p.grad is not None]))
+    (out_a, grads_a), (out_b, grads_b) = outputs
+    torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-5)
+    assert len(grads_a) == len(grads_b) > 0
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-4 * float(ga.abs().max()))  # summation order differs
 
 
 # --- learning -----------------------------------------------------------------------------------------------

@@ -46,9 +46,13 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_shift: float = 
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+def to_float(images: np.ndarray, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1], laid out in `memory_format`.
+
+    The cache stores pixels channel-last, so torch.channels_last costs no reordering at all.
+    """
+    nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return nchw.contiguous(memory_format=memory_format).float().div_(255.0)
 
 
 class BatchLoader:
@@ -74,6 +78,7 @@ class BatchLoader:
         world_size: int = 1,
         drop_last: bool = True,
         device: torch.device | str = "cpu",
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
         if len(indices) < batch_size * world_size and drop_last:
             raise ValueError(f"the split has {len(indices)} images, fewer than one global batch of {batch_size * world_size}")
@@ -87,6 +92,7 @@ class BatchLoader:
         self.world_size = world_size
         self.drop_last = drop_last
         self.device = torch.device(device)
+        self.memory_format = memory_format
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -110,10 +116,10 @@ class BatchLoader:
         return out
 
     def _make(self, idx: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        batch = to_float(self.images[idx])
-        if self.augment:
+        batch = to_float(self.images[idx], self.memory_format)
+        if self.augment:  # grid_sample returns the default layout
             batch = augment(batch, generator)
-        return batch.to(self.device, non_blocking=True)
+        return batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**63)
