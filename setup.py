@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             "galaxygen-data=galaxygen.data.__main__:main",
             "galaxygen-train=galaxygen.train:main",
+            "galaxygen-sample=galaxygen.sample:main",
             "galaxygen-evaluate=galaxygen.evaluate.__main__:main",
             "galaxygen-sweep=sweeps.launch:main",
             "galaxygen-figures=analysis.figures:main",
