@@ -25,6 +25,7 @@ class TrainConfig:
     model: str = "cnn"
     latent_dim: int | None = None
     width: int | None = None
+    depth: int | None = None
     dropout: float | None = None
     image_size: int = 64
     batch_size: int = 32
@@ -61,9 +62,14 @@ class TrainConfig:
         for key in ("batch_size", "epochs", "image_size", "log_every"):
             if getattr(self, key) < 1:
                 bad(key, "an integer >= 1")
-        for key in ("latent_dim", "width"):
+        for key in ("latent_dim", "width", "depth"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad(key, "an integer >= 1 (or unset for the model's default)")
+        spec = MODELS[self.model]
+        if spec.fixed_depth and self.depth not in (None, spec.defaults["depth"]):
+            variable = ", ".join(name for name, s in sorted(MODELS.items()) if not s.fixed_depth)
+            bad("depth", f"only {spec.defaults['depth']} for {self.model}, whose depth is part of its design "
+                         f"(depth can vary for {variable})")
         if self.lr is not None and not self.lr > 0:
             bad("lr", "a number > 0 (or unset for the model's default)")
         for key in ("alpha", "free_bits", "tv_weight", "weight_decay", "grad_clip"):
@@ -94,7 +100,7 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def resolved(self) -> TrainConfig:
-        """Fill latent_dim, width, dropout and lr from the model's defaults (the report's tables)."""
+        """Fill latent_dim, width, depth, dropout and lr from the model's defaults (the report's tables)."""
         from galaxygen.models import MODELS
 
         defaults = MODELS[self.model].defaults
@@ -120,7 +126,7 @@ def coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"unknown config key {key}: allowed {', '.join(TrainConfig.keys())}")
     typ = field_type(key)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if key in ("latent_dim", "width", "dropout", "lr"):
+        if key in ("latent_dim", "width", "depth", "dropout", "lr"):
             return None
         if typ is str:
             return ""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from galaxygen.config import TrainConfig
+from galaxygen.config import ConfigError, TrainConfig
 from galaxygen.losses import elbo_loss, kl_per_dim
 from galaxygen.models import MODELS, build_model, memory_format
 from galaxygen.models.vae import reparameterize
@@ -19,7 +19,7 @@ from galaxygen.models.vae import reparameterize
 def build(name: str, image_size: int = 32, **overrides) -> torch.nn.Module:
     """A registered model with its own defaults, some of them overridden."""
     spec = MODELS[name]
-    hyper = {k: spec.defaults[k] for k in ("latent_dim", "width", "dropout")} | overrides
+    hyper = {k: spec.defaults[k] for k in ("latent_dim", "width", "depth", "dropout")} | overrides
     return spec.build(image_size=image_size, **hyper)
 
 
@@ -70,6 +70,36 @@ def test_config_resolves_and_builds_every_model(name: str):
     assert None not in (config.latent_dim, config.width, config.dropout, config.lr)
     model = build_model(config)
     assert model.latent_dim == config.latent_dim and model.kind in ("vae", "gan")
+
+
+def count(model: torch.nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def test_width_and_depth_come_from_the_config():
+    from galaxygen.models.resvae import ResBlock
+
+    def built(**kw) -> torch.nn.Module:
+        return build_model(TrainConfig(image_size=32, **kw).resolved())
+
+    # MLP: depth hidden layers per side, halving from the width (depth 2 is the report's input-w-w/2)
+    assert count(built(model="mlp2"), torch.nn.Linear) == 2 * 2 + 3  # + mu, logvar, latent mapping
+    deep = built(model="mlp2", depth=4, width=64)
+    assert count(deep, torch.nn.Linear) == 2 * 4 + 3
+    assert [m.out_features for m in deep.encoder if isinstance(m, torch.nn.Linear)] == [64, 32, 16, 8]
+    # resvae: depth residual blocks per stage
+    assert count(built(model="resvae", depth=3), ResBlock) == 3 * count(built(model="resvae"), ResBlock)
+    x = blobs(2, 32)
+    assert built(model="resvae", depth=2)(x)[0].shape == x.shape
+    widths = [m.out_channels for m in built(model="cnn", width=4).encoder if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [4, 8]
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if MODELS[n].fixed_depth])
+def test_fixed_depth_designs_reject_another_depth_naming_the_models_that_vary(name: str):
+    assert TrainConfig(model=name, depth=MODELS[name].defaults["depth"]).resolved().depth == MODELS[name].defaults["depth"]
+    with pytest.raises(ConfigError, match=r"invalid config depth=5: allowed only \d+ for .*depth can vary for .*resvae"):
+        TrainConfig(model=name, depth=5)
 
 
 # --- shapes at 64 and 32 px ---------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The model registry: names are part of the public interface (`--model NAME`, config `model`).
 
-Every model takes images (B, 3, S, S) in [0, 1]. A VAE (kind "vae") has
+Every model takes images (B, 3, S, S) in [0, 1] and is built from image_size, latent_dim, width,
+depth and dropout (depth is each model's own notion: hidden layers of an MLP, residual blocks per
+stage of `resvae`; the report's fixed designs and the DCGAN keep theirs). A VAE (kind "vae") has
 `encode(x) -> (mu, logvar)`, `decode_logits(z)`, `forward(x) -> (logits, mu, logvar)` with the
 Gaussian reparameterisation, and `sample(n)` which draws z ~ N(0, I) and decodes. A GAN (kind
 "gan") has `generator`, `discriminator` and `sample(n)`. Both have `latent_dim`.
@@ -23,17 +25,18 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     defaults: dict
     summary: str
+    fixed_depth: bool = False  # depth is part of the design (the report's tables), not a knob
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register(name: str, summary: str, **defaults):
+def register(name: str, summary: str, *, fixed_depth: bool = False, **defaults):
     """Decorator adding a model builder to the registry under `name`."""
 
     def wrap(build):
         defaults.setdefault("lr", 1e-3)
-        MODELS[name] = ModelSpec(name, build, defaults, summary)
+        MODELS[name] = ModelSpec(name, build, defaults, summary, fixed_depth)
         return build
 
     return wrap
@@ -46,6 +49,7 @@ def build_model(config) -> nn.Module:
         image_size=config.image_size,
         latent_dim=config.latent_dim,
         width=config.width,
+        depth=config.depth,
         dropout=config.dropout,
     )
 

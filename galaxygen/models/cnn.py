@@ -76,12 +76,12 @@ class ThreeConvVAE(VAE):
 
 
 @register("cnn", "Table III convolutional VAE: conv 3-16-32 k5 with max-pool, latent 12, dropout 0.2",
-          latent_dim=12, width=16, dropout=0.2)
-def cnn(image_size: int, latent_dim: int, width: int, dropout: float) -> nn.Module:
+          fixed_depth=True, latent_dim=12, width=16, depth=2, dropout=0.2)
+def cnn(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return TableIIIVAE(image_size, latent_dim, width, dropout)
 
 
 @register("cnn3", "the report's first convolutional VAE: conv 3-8-16-32 k5, no pooling",
-          latent_dim=12, width=8, dropout=0.2)
-def cnn3(image_size: int, latent_dim: int, width: int, dropout: float) -> nn.Module:
+          fixed_depth=True, latent_dim=12, width=8, depth=3, dropout=0.2)
+def cnn3(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return ThreeConvVAE(image_size, latent_dim, width, dropout)

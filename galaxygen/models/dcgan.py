@@ -137,6 +137,6 @@ class DCGAN(nn.Module):
 
 
 @register("dcgan", "DCGAN (BatchNorm G, spectral-norm D) with the hinge loss: the report's GAN, fixed",
-          latent_dim=64, width=32, dropout=0.0, lr=2e-4)
-def dcgan(image_size: int, latent_dim: int, width: int, dropout: float) -> nn.Module:
+          fixed_depth=True, latent_dim=64, width=32, depth=1, dropout=0.0, lr=2e-4)
+def dcgan(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return DCGAN(image_size, latent_dim, width, dropout)

@@ -13,7 +13,7 @@ stage. At 64 px:
 Thin high-resolution stages keep it CPU-affordable: with w = 32 a training step on 32 images of 64 px
 takes about 0.25 s on one core. GroupNorm rather than BatchNorm: no batch statistics, so tiny per-rank
 batches under DDP and eval mode behave like training. The config's dropout sits inside every residual
-block when > 0.
+block when > 0. The config's depth is the number of residual blocks per stage (1 above).
 """
 
 from __future__ import annotations
@@ -62,10 +62,14 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
+def blocks(channels: int, dropout: float, depth: int) -> list[nn.Module]:
+    return [ResBlock(channels, dropout) for _ in range(depth)]
+
+
 class ResVAE(VAE):
     """Strided-conv + residual-block encoder, linear Gaussian heads, upsample + residual-block decoder."""
 
-    def __init__(self, image_size: int, latent_dim: int, width: int, dropout: float):
+    def __init__(self, image_size: int, latent_dim: int, width: int, dropout: float, depth: int = 1):
         super().__init__()
         stages = check_size(image_size)
         self.latent_dim = latent_dim
@@ -77,19 +81,19 @@ class ResVAE(VAE):
         encoder: list[nn.Module] = [nn.Conv2d(3, channels_at(image_size, width), 3, padding=1)]
         for big, small in zip(sizes[:-1], sizes[1:]):
             c_in, c_out = channels_at(big, width), channels_at(small, width)
-            encoder += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), ResBlock(c_out, dropout)]
+            encoder += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), *blocks(c_out, dropout, depth)]
         encoder += [norm(deepest), nn.SiLU(), nn.Flatten()]
         self.encoder = nn.Sequential(*encoder)
         self.to_mu = nn.Linear(flat, latent_dim)
         self.to_logvar = nn.Linear(flat, latent_dim)
 
         self.latent_mapping = nn.Linear(latent_dim, flat)
-        decoder: list[nn.Module] = [ResBlock(deepest, dropout)]
+        decoder: list[nn.Module] = blocks(deepest, dropout, depth)
         for small, big in zip(sizes[:0:-1], sizes[-2::-1]):
             c_in, c_out = channels_at(small, width), channels_at(big, width)
             decoder += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
             if big < image_size:  # no residual block at full resolution: it would double the cost
-                decoder.append(ResBlock(c_out, dropout))
+                decoder += blocks(c_out, dropout, depth)
         top = channels_at(image_size, width)
         decoder += [norm(top), nn.SiLU(), nn.Conv2d(top, 3, 3, padding=1)]
         self.decoder = nn.Sequential(*decoder)
@@ -102,6 +106,6 @@ class ResVAE(VAE):
 
 
 @register("resvae", "residual conv VAE after Lanusse et al. 2021: GroupNorm+SiLU ResNet blocks, 4x4 bottleneck",
-          latent_dim=32, width=32, dropout=0.0, lr=1e-3)
-def resvae(image_size: int, latent_dim: int, width: int, dropout: float) -> nn.Module:
-    return ResVAE(image_size, latent_dim, width, dropout)
+          latent_dim=32, width=32, depth=1, dropout=0.0, lr=1e-3)
+def resvae(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
+    return ResVAE(image_size, latent_dim, width, dropout, depth)
