@@ -139,7 +139,7 @@ def progress_callback(varies: list[str]):
 
 
 def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm_options=None) -> int:
-    """Run the sweep with Ray Tune; returns the number of failed trials."""
+    """Run the sweep with Ray Tune; returns how many of its trials (trial_ids) failed."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -186,7 +186,13 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm
     finally:
         reconcile(store, trial_ids)
         ray.shutdown()
-    return int((store.trials()["status"] == "failed").sum())
+    return failed_count(store, trial_ids)
+
+
+def failed_count(store: ResultsStore, trial_ids: list[str]) -> int:
+    """How many of this run's trials failed (rows left in the sweep by an earlier grid do not count)."""
+    trials = store.trials()
+    return int(((trials["status"] == "failed") & trials["trial_id"].isin(trial_ids)).sum())
 
 
 def reconcile(store: ResultsStore, trial_ids: list[str]) -> None:

@@ -75,6 +75,21 @@ def test_bad_input_fails_at_once_before_ray_starts(tmp_path, args, needle):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("name", ["dropout", "mine"])
+def test_an_unknown_grid_key_fails_at_once_naming_it_and_the_allowed_keys(tmp_path, name):
+    from galaxygen.config import TrainConfig
+    from sweeps.launch import ray_temp_dir
+
+    proc = run_launcher([name, "--grid", "colour=red,blue", "--backend", "local"], tmp_path / "r", timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown config key colour" in errors[0]
+    allowed = errors[0].split("allowed", 1)[1]
+    assert all(key in allowed for key in TrainConfig.keys())
+    assert not (tmp_path / "r").exists()
+    assert not os.path.exists(ray_temp_dir(tmp_path / "r"))
+
+
 def test_list_prints_every_sweep(tmp_path):
     proc = run_launcher(["--list"], tmp_path)
     assert proc.returncode == 0
@@ -116,6 +131,23 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, blob_cache)
     assert trials.loc[64, "status"] == "completed"
     assert trials.loc[32, "status"] == "failed" and "image_size" in trials.loc[32, "error"]
     assert "1 trial(s) failed" in proc.stderr
+
+
+def test_the_exit_status_counts_only_this_runs_failed_trials(tmp_path, blob_cache):
+    from galaxygen.config import TrainConfig
+
+    store = ResultsStore(tmp_path, "mixed")  # an earlier grid under the same sweep name left a failed trial
+    old = TrainConfig(dropout=0.7, epochs=1, batch_size=16, data=str(blob_cache), eval_n=0)
+    old_id = old.resolved().signature()
+    store.write_trial(old_id, status="failed", error="RuntimeError: an earlier grid's failure",
+                      config_hash=old_id, **old.to_dict(), start_time=1e9, end_time=1e9 + 1, epochs_done=0)
+    proc = run_launcher(["mixed", "--backend", "local", "--data", str(blob_cache), "--epochs", "1",
+                         "--grid", "dropout=0.1", "--set", "batch_size=16", "--no-figures", "--eval-n", "0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trial(s) failed" not in proc.stderr and old_id not in proc.stdout
+    trials = store.trials().set_index("trial_id")
+    assert len(trials) == 2 and trials.loc[old_id, "status"] == "failed"
+    assert (trials.drop(old_id).status == "completed").all()
 
 
 def test_driver_killed_mid_sweep_then_rerun_finishes_without_rerunning(tmp_path, blob_cache):
