@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from galaxygen import checkpoint, distributed
 from galaxygen.config import ConfigError, TrainConfig, parse_assignments
-from galaxygen.data import Cache, default_cache
+from galaxygen.data import Cache, CacheError, default_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
 from galaxygen.losses import elbo_loss, warmup_factor
 from galaxygen.models import build_model, memory_format
@@ -49,6 +50,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def autocast_args(config: TrainConfig, device: torch.device) -> dict:
+    """Mixed precision (bf16 autocast) on GPU when config.amp; full precision on CPU."""
+    return dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+
+
 class VAEObjective:
     """One optimisation step and one held-out evaluation of a VAE under the ELBO."""
 
@@ -57,7 +63,7 @@ class VAEObjective:
         self.config = config
         self.net = DistributedDataParallel(model) if env.enabled else model
         self.optimizers = [torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+        self.autocast = autocast_args(config, device)
 
     def loss(self, x: torch.Tensor, alpha: float):
         with torch.autocast(**self.autocast):
@@ -101,6 +107,7 @@ class GANObjective:
         self.opt_g = torch.optim.AdamW(model.generator.parameters(), lr=config.lr, betas=betas,
                                        weight_decay=config.weight_decay)
         self.optimizers = [self.opt_d, self.opt_g]
+        self.autocast = autocast_args(config, device)
 
     def _step(self, loss: torch.Tensor, opt, params) -> None:
         opt.zero_grad(set_to_none=True)
@@ -112,10 +119,12 @@ class GANObjective:
 
     def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         z = torch.randn(len(x), self.model.latent_dim, device=x.device)
-        fake = self.model.generator(z)
-        loss_d, parts_d = self.model.d_loss(x, fake.detach())
+        with torch.autocast(**self.autocast):
+            fake = self.model.generator(z)
+            loss_d, parts_d = self.model.d_loss(x, fake.detach())
         self._step(loss_d, self.opt_d, list(self.model.discriminator.parameters()))
-        loss_g, parts_g = self.model.g_loss(fake)
+        with torch.autocast(**self.autocast):
+            loss_g, parts_g = self.model.g_loss(fake)
         self._step(loss_g, self.opt_g, list(self.model.generator.parameters()))
         out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
         out["loss_d"], out["loss_g"] = loss_d.detach(), loss_g.detach()
@@ -147,6 +156,46 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+@dataclass
+class RunData:
+    """The run's cache and the indices of its (reduced) train split and of its val split."""
+
+    cache: Cache
+    train: np.ndarray
+    val: np.ndarray
+
+
+def open_data(config: TrainConfig, world_size: int = 1, in_memory: bool | None = None) -> RunData:
+    """Check everything about a run's inputs that can be wrong, before any work; open its data.
+
+    Raises one ConfigError (or CacheError) naming the problem: a batch that does not divide over the
+    ranks, a cache of another image size or without a val split, a train split smaller than one batch,
+    or a model that cannot take the image size.
+    """
+    if config.batch_size % world_size:
+        raise ConfigError(f"invalid config batch_size={config.batch_size}: the global batch must divide "
+                          f"evenly over {world_size} ranks")
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no time
+            build_model(config)
+    except ValueError as err:
+        raise ConfigError(f"invalid config image_size={config.image_size}: allowed are the sizes {config.model} "
+                          f"can take ({err})") from None
+    cache = Cache.open(config.data or default_cache(), in_memory=in_memory)
+    if cache.size != config.image_size:
+        raise ConfigError(f"invalid config image_size={config.image_size}: the cache {cache.path} holds "
+                          f"{cache.size} px images")
+    ids = cache.catalog["id"].astype(str).to_numpy()
+    train = reduce_indices(cache.indices("train"), ids, config.data_fraction, config.data_count)
+    val = cache.indices("val")
+    if len(val) == 0:
+        raise ConfigError(f"the cache {cache.path} has no val split")
+    if len(train) < config.batch_size:
+        raise ConfigError(f"invalid config batch_size={config.batch_size}: allowed at most the {len(train)} "
+                          f"training images of {cache.path} (after data_fraction/data_count)")
+    return RunData(cache, train, val)
+
+
 class Trainer:
     """Everything one run needs: data, model, objective, logging; `fit` runs (or resumes) it."""
 
@@ -155,19 +204,9 @@ class Trainer:
         self.config, self.store, self.trial_id, self.env, self.device = config, store, trial_id, env, device
         self.run_dir = store.run_dir(trial_id)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if config.batch_size % env.world_size:
-            raise ConfigError(f"invalid config batch_size={config.batch_size}: the global batch must divide "
-                              f"evenly over {env.world_size} ranks")
+        data = open_data(config, env.world_size)
+        self.cache, train_idx, val_idx = data.cache, data.train, data.val
         seed_everything(config.seed)
-        self.cache = Cache.open(config.data or default_cache())
-        if self.cache.size != config.image_size:
-            raise ConfigError(f"invalid config image_size={config.image_size}: the cache {self.cache.path} holds "
-                              f"{self.cache.size} px images")
-        ids = self.cache.catalog["id"].astype(str).to_numpy()
-        train_idx = reduce_indices(self.cache.indices("train"), ids, config.data_fraction, config.data_count)
-        val_idx = self.cache.indices("val")
-        if len(val_idx) == 0:
-            raise ConfigError(f"the cache {self.cache.path} has no val split")
         self.model = build_model(config)
         layout = memory_format(self.model)
         self.model.to(device, memory_format=layout)
@@ -196,6 +235,11 @@ class Trainer:
         if not path.exists():
             return False
         state = checkpoint.load(path, self.device)
+        saved = TrainConfig.from_dict(state["config"]).resolved().to_dict()
+        differ = [k for k, v in self.config.to_dict().items() if k != "epochs" and saved.get(k) != v]
+        if differ:
+            raise ConfigError(f"{path} was trained with another config ({', '.join(f'{k}={saved[k]!r}' for k in differ)}); "
+                              "resuming needs the same config (only epochs may change): pick another trial id")
         self.model.load_state_dict(state["model"])
         for opt, opt_state in zip(self.objective.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -399,7 +443,7 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = "runs", tr
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m galaxygen.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="", help="cache folder (default: the built-in synthetic galaxies, made once)")
+    p.add_argument("--data", help="cache folder (default: the built-in synthetic galaxies, made once)")
     p.add_argument("--model", help="model name (default cnn, the report's Table III)")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--out", default="results", help="results folder (default ./results)")
@@ -420,10 +464,11 @@ def main(argv: list[str] | None = None) -> int:
         values = json.loads(Path(args.config).read_text()) if args.config else {}
         values.update(parse_assignments(args.set))
         for key in ("model", "epochs", "data"):
-            if getattr(args, key):
+            if getattr(args, key) is not None:
                 values[key] = getattr(args, key)
-        config = TrainConfig.from_dict(values)
-    except (ConfigError, OSError, json.JSONDecodeError) as err:
+        config = TrainConfig.from_dict(values).resolved()
+        open_data(config, distributed.read_env().world_size, in_memory=False)
+    except (ConfigError, CacheError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,14 +28,23 @@ def tiny(blob_cache, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("bad,key", [(["--set", "dropout=1.5"], "dropout"), (["--set", "batch_size=0"], "batch_size"),
                                      (["--model", "vqvae"], "model"), (["--set", "recon_loss=huber"], "recon_loss"),
-                                     (["--set", "colour=red"], "colour")])
-def test_bad_config_fails_before_any_work(tmp_path, bad, key):
-    proc = subprocess.run([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path), *bad],
+                                     (["--set", "colour=red"], "colour"), (["--epochs", "0"], "epochs"),
+                                     (["--model", "cnn", "--set", "depth=4"], "depth"),
+                                     # checked against the data, still before any work
+                                     (["--set", "image_size=32"], "image_size=32: the cache"),
+                                     (["--set", "data_count=10"], "batch_size=32: allowed at most the 10"),
+                                     (["--model", "resvae", "--set", "image_size=48"], "power-of-two"),
+                                     (["--data", "MISSING"], "is not a galaxygen cache")])
+def test_bad_config_fails_before_any_work(tmp_path, blob_cache, bad, key):
+    bad = [str(tmp_path / "missing") if a == "MISSING" else a for a in bad]
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "galaxygen.train", "--out", str(out), "--data", str(blob_cache), *bad],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0]
-    assert not any(tmp_path.iterdir()), "nothing may be written for a bad config"
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert "allowed" in lines[0] or "cache" in lines[0]
+    assert not out.exists(), "nothing may be written for a bad config"
 
 
 def test_config_resolves_model_defaults_and_signature_is_stable():
@@ -68,7 +78,21 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
     events = EventAccumulator(str(run_dir / "tb")).Reload()
     tags = events.Tags()
     assert {"samples_from_prior", "reconstructions"} <= set(tags["images"])
-    assert {"train/loss", "val/loss", "train/images_per_s", "train_step/loss"} <= set(tags["scalars"])
+    assert {"train/loss", "val/loss", "val/nelbo", "val/bits_per_dim", "val/recon", "val/kl", "train/lr",
+            "train/images_per_s", "train_step/loss", "val_step/loss"} <= set(tags["scalars"])
+    # the hyperparameters with the final val metrics, in the hparams plugin's session records
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams, metric_tags = {}, set()
+    for content in events.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            hparams = dict(data.session_start_info.hparams)
+        if data.HasField("experiment"):
+            metric_tags = {m.name.tag for m in data.experiment.metric_infos}
+    assert hparams["model"].string_value == "cnn" and hparams["dropout"].number_value == pytest.approx(0.2)
+    assert {"hparam/val_nelbo", "hparam/val_loss"} <= metric_tags
+    assert json.loads((run_dir / "config.json").read_text()) == tiny(blob_cache).resolved().to_dict()
     # a rerun of a completed trial does no work and returns the same summary
     before = os.path.getmtime(run_dir / "checkpoints" / "last.pt")
     assert run(tiny(blob_cache), tmp_path, "t", "trial") == pytest.approx(summary)
@@ -102,6 +126,16 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, blob_cache):
                                rtol=1e-5)
 
 
+def test_resume_continues_only_the_same_config(tmp_path, blob_cache):
+    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x")
+    with pytest.raises(ConfigError, match=r"another config \(dropout=0\.2\).*only epochs may change"):
+        run(tiny(blob_cache, epochs=2, dropout=0.3), tmp_path, "t", "x")
+    summary = run(tiny(blob_cache, epochs=2), tmp_path, "t", "x")  # more epochs of the same run: continues
+    assert summary["epoch"] == 2
+    metrics = ResultsStore(tmp_path, "t").metrics("x")
+    assert sorted(set(metrics.epoch)) == [1, 2] and not metrics.duplicated(["epoch", "step", "split", "metric"]).any()
+
+
 def test_nan_stops_the_run_with_a_recorded_reason(tmp_path, blob_cache):
     with pytest.raises(TrainingDiverged):
         run(tiny(blob_cache, lr=1e9, epochs=3), tmp_path, "t", "nan")
@@ -120,7 +154,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out, queue) 
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     env = distributed.read_env()
-    trainer = Trainer(cfg.resolved(), ResultsStore(out, "ddp"), "trial", env, distributed.setup(env))
+    # each rank gets its own results folder, so anything a rank other than 0 writes is visible
+    trainer = Trainer(cfg.resolved(), ResultsStore(out / f"rank{rank}", "ddp"), "trial", env, distributed.setup(env))
     summary = trainer.fit()
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).numpy()
     distributed.teardown()
@@ -142,7 +177,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, blob_cache):
     torch.set_num_threads(1)
     single = run(cfg, tmp_path / "one", "ddp", "trial")
     np.testing.assert_array_equal(results[0][1], results[1][1])
-    assert results[1][0] == {}, "only rank 0 reports and writes"
+    assert results[1][0] == {}, "only rank 0 reports"
+    assert not [f for f in (tmp_path / "two" / "rank1").rglob("*") if f.is_file()], "only rank 0 writes"
+    assert ResultsStore(tmp_path / "two" / "rank0", "ddp").read_trial("trial")["status"] == "completed"
     two = results[0][0]
     assert two["val_nelbo"] == pytest.approx(single["val_nelbo"], rel=0.03)
     assert two["train_loss"] == pytest.approx(single["train_loss"], rel=0.03)
