@@ -38,8 +38,8 @@ N_SAMPLES = 32
 N_RECON = 6
 N_LATENT = 256
 SEED = 0
-FIGURE_NAMES = ("loss_curves", "elbo_curves", "within_epoch_loss", "gan_losses", "samples", "reconstructions",
-                "latent_concentration", "latent_best")
+FIGURE_NAMES = ("loss_curves", "elbo_curves", "within_epoch_loss", "gan_losses", "eval_metrics", "samples",
+                "reconstructions", "latent_concentration", "latent_best")
 TRUTH_COLUMNS = {"bulge_frac": "bulge fraction (truth)", "ellipticity": "ellipticity (truth)",
                  "class": "class (truth)", "hlr_px": "half-light radius [px] (truth)",
                  "r_half": "half-light radius [px] (truth)"}
@@ -313,6 +313,11 @@ def render(data: SweepData, out: Path, source: str, n_latent: int = N_LATENT, st
             plots.plt.close("all")
 
     curve_figures(data, add)
+    add(lambda: plots.eval_metrics(data), "eval_metrics", "Sample quality against the baselines",
+        "Every sample-quality metric of the end-of-trial evaluation (split eval), one panel each: one point per "
+        "evaluated trial (numbered as in the legend), the real-vs-real floor and one-image generator of its data "
+        "set as labelled horizontal lines; log scale when the values span more than a factor of 30.",
+        optional=True)
     if data.trials["checkpoint"].notna().any():
         notes += checkpoint_figures(data, HeldOutSets(n_latent, statmorph), add)
     else:
@@ -386,16 +391,11 @@ def latent_figures(data: SweepData, outputs: dict[str, TrialOutputs], reasons: d
 
 def baseline_table(data: SweepData) -> dict[str, pd.DataFrame]:
     """The evaluation's per-dataset baselines (splits eval_real_vs_real, eval_one_image), one row per dataset."""
-    m = data.metrics
-    rows = m[m["split"].str.startswith("eval_")]
+    rows = plots.eval_baselines(data)
     if rows.empty:
         return {}
-    datasets = data.trials.set_index("uid")["data"] if "data" in data.trials.columns else pd.Series(dtype=object)
-    rows = rows.assign(data=rows["uid"].map(datasets).fillna("").astype(str),
-                       baseline=rows["split"].str.removeprefix("eval_"))
-    rows = rows.sort_values(["epoch", "wall_time"]).drop_duplicates(["data", "baseline", "metric"], keep="last")
     table = rows.pivot(index=["data", "baseline"], columns="metric", values="value").reset_index()
-    table["data"] = [Path(d).name if d else "synthetic (default)" for d in table["data"]]
+    table["data"] = [plots.dataset_name(d) for d in table["data"]]
     return {"Baselines (real vs real, one-image model)": table}
 
 

@@ -1,4 +1,4 @@
-"""Matplotlib (Agg) drawing of the sweep figures: loss curves, image grids, latent scatters."""
+"""Matplotlib (Agg) drawing of the sweep figures: loss curves, sample quality, image grids, latent scatters."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from analysis.tables import SweepData, sort_key  # noqa: E402
+from analysis.tables import SweepData, final_values, sort_key  # noqa: E402
 
 DPI = 110
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "figure.dpi": DPI})
@@ -169,6 +170,115 @@ def gan_curves(data: SweepData) -> plt.Figure | None:
     ax.set_title("GAN training losses (solid: discriminator, dashed: generator)")
     ax.grid(alpha=0.3)
     legend_outside(ax)
+    return fig
+
+
+EVAL_BASELINES = {"real_vs_real": ("real vs real", "#1b9e3a", "--"),
+                  "one_image": ("one-image generator", "#c0392b", ":")}
+GOALS = {"lower": "lower is better", "higher": "higher is better", "one": "1 is ideal"}
+
+
+def dataset_name(path: str) -> str:
+    return Path(path).name if path else "synthetic (default)"
+
+
+def eval_baselines(data: SweepData) -> pd.DataFrame:
+    """The evaluation's stored baselines (splits eval_real_vs_real, eval_one_image): the latest value per
+    data set, baseline and metric, as columns data, baseline, metric, value."""
+    m = data.metrics
+    rows = m[m["split"].str.startswith("eval_")]
+    if rows.empty:
+        return pd.DataFrame(columns=["data", "baseline", "metric", "value"])
+    datasets = data.trials.set_index("uid")["data"] if "data" in data.trials.columns else pd.Series(dtype=object)
+    rows = rows.assign(data=rows["uid"].map(datasets).fillna("").astype(str),
+                       baseline=rows["split"].str.removeprefix("eval_"))
+    rows = rows.sort_values(["epoch", "wall_time"]).drop_duplicates(["data", "baseline", "metric"], keep="last")
+    return rows[["data", "baseline", "metric", "value"]].reset_index(drop=True)
+
+
+def eval_metric_order(names) -> list[str]:
+    """Sample-quality metric names in galaxygen.evaluate's order (headline scores first), without 'info' ones."""
+    try:
+        from galaxygen.evaluate import METRICS, direction
+    except ImportError:  # the analysis still reads stores written elsewhere
+        return sorted(n for n in names if n != "eval_n")
+    order = [k.removesuffix("*") for k in METRICS]
+    first = ("morph_score", "fid_domain", "kid_domain")
+
+    def key(name: str):
+        rank = next((i for i, k in enumerate(order) if name == k or (k.endswith("_") and name.startswith(k))),
+                    len(order))
+        return (name not in first, first.index(name) if name in first else rank, name)
+
+    return sorted((n for n in names if direction(n) != "info"), key=key)
+
+
+def goal(name: str) -> str:
+    try:
+        from galaxygen.evaluate import direction
+    except ImportError:
+        return ""
+    return GOALS.get(direction(name), "")
+
+
+def eval_metrics(data: SweepData) -> plt.Figure | None:
+    """One panel per sample-quality metric (split `eval`): one point per evaluated trial, the real-vs-real and
+    one-image baselines of its data set as labelled horizontal lines; None when no trial has eval rows."""
+    finals = final_values(data.metrics[data.metrics["split"] == "eval"])
+    names = eval_metric_order([c.removeprefix("eval_") for c in finals.columns])
+    present = {u for u in finals.index if finals.loc[u].notna().any()}
+    trials = [row for row in data.trials.itertuples() if row.uid in present]
+    if not names or not trials:
+        return None
+    colors = trial_colors(data)
+    base = eval_baselines(data)
+    several = base["data"].nunique() > 1
+    fig, axes = panel_grid(len(names), 2.7, 2.3, max_cols=4)
+    lines: dict[str, Line2D] = {}
+    for ax, name in zip(axes, names):
+        ax.set_gid(f"eval:{name}")
+        column = finals[f"eval_{name}"]
+        points = [(i, float(column.get(row.uid, np.nan)), colors[row.uid]) for i, row in enumerate(trials, 1)]
+        points = [p for p in points if np.isfinite(p[1])]
+        if points:
+            xs, ys, cs = zip(*points)
+            ax.scatter(xs, ys, c=list(cs), s=30, zorder=3, edgecolors="k", linewidths=0.4)
+        else:
+            ax.text(0.5, 0.5, "not measured\n(no finite value)", ha="center", va="center", fontsize=7, color="#a00",
+                    transform=ax.transAxes)
+        values = [p[1] for p in points]
+        to_line = blended_transform_factory(ax.transAxes, ax.transData)
+        for row in base[base["metric"] == name].itertuples():
+            text, color, ls = EVAL_BASELINES.get(row.baseline, (row.baseline.replace("_", " "), "#555", "-."))
+            label = f"{text} ({dataset_name(row.data)})" if several else text
+            lines[label] = ax.axhline(row.value, color=color, ls=ls, lw=1.2, label=label,
+                                      gid=f"baseline:{row.baseline}:{row.data}")
+            ax.text(0.99, row.value, f"{label} {row.value:.3g}", transform=to_line, ha="right", va="bottom",
+                    fontsize=6, color=color)
+            values.append(float(row.value))
+        finite = np.asarray(values, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 30:
+            ax.set_yscale("log")
+        ax.margins(y=0.15)
+        ax.set_xlabel("trial", fontsize=7)
+        ax.set_title(f"{name}\n({goal(name)})" if goal(name) else name, fontsize=8)
+        ax.set_xticks(range(1, len(trials) + 1))
+        ax.set_xlim(0.4, len(trials) + 0.6)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    n_eval = finals["eval_eval_n"] if "eval_eval_n" in finals.columns else pd.Series(dtype=float)
+    handles = []
+    for i, row in enumerate(trials, 1):
+        n = n_eval.get(row.uid, np.nan)
+        suffix = f" (n={int(n)})" if np.isfinite(n) else ""
+        handles.append(Line2D([], [], color=colors[row.uid], marker="o", ls="", mec="k", mew=0.4,
+                              label=f"{i}: {tagged(row)}{suffix}"))
+    handles += [Line2D([], [], color=line.get_color(), ls=line.get_linestyle(), label=label)
+                for label, line in lines.items()]
+    handles += missing_handles(data, present, colors, "eval metrics")
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, title=data.legend_title)
+    fig.suptitle("sample quality of each trial against the baselines")
     return fig
 
 

@@ -15,12 +15,13 @@ import pytest
 
 from analysis import plots
 from analysis.compare import build_comparison
-from analysis.figures import build, light_concentration, main
+from analysis.figures import build, light_concentration, main, render
 from analysis.tables import comparison_table, load_sweep, swept_keys
 from galaxygen.results import ResultsStore, load
+from tests.conftest import run_launcher
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FIGURES = ("loss_curves", "elbo_curves", "within_epoch_loss", "samples", "reconstructions",
+FIGURES = ("loss_curves", "elbo_curves", "within_epoch_loss", "eval_metrics", "samples", "reconstructions",
            "latent_concentration", "latent_best")
 SWEEP = "dropout-tiny"
 
@@ -190,6 +191,73 @@ def test_table_has_one_row_per_trial_matching_parquet(sweep_dir, report):
     assert table["best"].sum() == 1
     md = (report.parent / "table.md").read_text()
     assert len([ln for ln in md.splitlines() if ln.startswith("| ")]) == len(trials) + 1
+
+
+def test_eval_metrics_figure_shows_every_metric_beside_its_stored_baselines(sweep_dir, report):
+    assert 'data-figure="eval_metrics"' in report.read_text()
+    _, metrics = load(sweep_dir.parent, sweep_dir.name)
+    evals = metrics[metrics.split == "eval"]
+    assert not evals.empty, "the sweep under test was not evaluated"
+    data = load_sweep(sweep_dir)
+    fig = plots.eval_metrics(data)
+    panels = {ax.get_gid().removeprefix("eval:"): ax for ax in fig.axes if (ax.get_gid() or "").startswith("eval:")}
+    assert set(panels) == set(evals.metric) - {"eval_n"}
+    latest = metrics.sort_values(["epoch", "wall_time"]).drop_duplicates(["split", "metric"], keep="last")
+    baselines = latest[latest.split.isin(["eval_real_vs_real", "eval_one_image"])]
+    own = evals.sort_values(["epoch", "wall_time"]).drop_duplicates(["trial_id", "metric"], keep="last")
+    assert set(baselines.metric) & set(panels), "no stored baseline to check against"
+    for name, ax in panels.items():
+        finite = np.isfinite(own[own.metric == name].value).sum()
+        assert sum(len(c.get_offsets()) for c in ax.collections) == finite, name
+        lines = {line.get_gid().split(":")[1]: line for line in ax.get_lines()
+                 if (line.get_gid() or "").startswith("baseline:")}
+        stored = baselines[baselines.metric == name].set_index("split")["value"]
+        assert set(lines) == {s.removeprefix("eval_") for s in stored.index}, name
+        for split, value in stored.items():
+            line = lines[split.removeprefix("eval_")]
+            assert list(line.get_ydata()) == pytest.approx([value, value], rel=1e-12), (name, split)
+            assert line.get_label() == {"eval_real_vs_real": "real vs real",
+                                        "eval_one_image": "one-image generator"}[split]
+            assert any(t.get_text().startswith(line.get_label()) for t in ax.texts), "the line is not labelled"
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    unevaluated = data.trials[~data.trials.trial_id.isin(evals.trial_id)]
+    assert {"failed-trial", "nockpt-trial"} <= set(unevaluated.trial_id)
+    for row in unevaluated.itertuples():
+        assert f"{row.label} ({row.status}, no eval metrics recorded)" in legend
+    assert "real vs real" in legend and "one-image generator" in legend
+    plots.plt.close(fig)
+
+
+def test_eval_metrics_figure_is_skipped_without_eval_rows(sweep_dir, tmp_path):
+    data = load_sweep(sweep_dir)
+    data.metrics = data.metrics[~data.metrics["split"].str.startswith("eval")]
+    data.trials["checkpoint"] = None  # only the metric figures are under test
+    assert plots.eval_metrics(data) is None
+    (tmp_path / "eval_metrics.png").write_bytes(b"stale")
+    page = render(data, tmp_path, str(sweep_dir))
+    assert not (tmp_path / "eval_metrics.png").exists() and not (tmp_path / "eval_metrics.pdf").exists()
+    text = page.read_text()
+    assert "eval_metrics" not in text and "Sample quality" not in text
+    assert (tmp_path / "loss_curves.png").is_file()
+
+
+def test_launcher_ends_by_printing_the_report_it_wrote(tiny_sweep, tmp_path):
+    """Re-running the finished tiny sweep without --no-figures skips training and only builds the report."""
+    shutil.copytree(tiny_sweep, tmp_path / tiny_sweep.name, ignore=shutil.ignore_patterns("ray", "report"))
+    command = json.loads((tiny_sweep / "sweep.json").read_text())["command"][1:]
+    i = command.index("--results")
+    args = [a for a in command[:i] + command[i + 2:] if a != "--no-figures"]
+    started = ResultsStore(tmp_path, tiny_sweep.name).trials().set_index("trial_id")["start_time"]
+    proc = run_launcher(args, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = re.findall(r"^report: (.+)$", proc.stdout, flags=re.M)
+    assert len(reports) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    page = Path(reports[0])
+    assert page == (tmp_path / tiny_sweep.name / "report" / "report.html").resolve() and page.is_file()
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("results: ")
+    assert 'data-figure="eval_metrics"' in page.read_text()
+    after = ResultsStore(tmp_path, tiny_sweep.name).trials().set_index("trial_id")["start_time"]
+    pd.testing.assert_series_equal(after.sort_index(), started.sort_index())  # nothing was trained again
 
 
 def test_swept_keys_inferred_and_from_sweep_json(sweep_dir):
