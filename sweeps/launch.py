@@ -258,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         from galaxygen.data import default_cache
 
         default_cache()
+    from galaxygen.data import CacheError
+    from galaxygen.train import open_data
+
+    try:  # every trial's inputs against the data (image size, split sizes, model), before Ray starts
+        for c in configs:
+            open_data(c.resolved(), in_memory=False)
+    except (ConfigError, CacheError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if base["eval_n"]:
         from galaxygen.evaluate import prepare
 

@@ -66,8 +66,12 @@ def test_mlp_studies_and_adhoc_grids():
     (["dropout", "--grid", "dropout=0.1,2"], "dropout=2.0"),
     (["dropout", "--set", "batch_size=0"], "batch_size"),
     (["dropout", "--data", "/nonexistent"], "not a galaxygen cache"),
+    # checked against the data, still before Ray starts
+    (["dropout", "--data", "BLOBS", "--set", "image_size=32"], "image_size=32: the cache"),
+    (["mine", "--data", "BLOBS", "--grid", "data_count=100,10"], "allowed at most the 10 training images"),
 ])
-def test_bad_input_fails_at_once_before_ray_starts(tmp_path, args, needle):
+def test_bad_input_fails_at_once_before_ray_starts(tmp_path, blob_cache, args, needle):
+    args = [str(blob_cache) if a == "BLOBS" else a for a in args]
     proc = run_launcher([*args, "--backend", "local"], tmp_path / "r", timeout=120)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
