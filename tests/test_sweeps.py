@@ -129,11 +129,11 @@ def test_a_real_tiny_sweep_fills_the_parquet_store(tiny_sweep):
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, blob_cache):
     proc = run_launcher(["fail", "--backend", "local", "--data", str(blob_cache), "--epochs", "1",
-                         "--grid", "image_size=64,32", "--set", "batch_size=16", "--no-figures", "--eval-n", "0"], tmp_path)
+                         "--grid", "lr=1e-3,1e9", "--set", "batch_size=16", "--no-figures", "--eval-n", "0"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    trials = ResultsStore(tmp_path, "fail").trials().set_index("image_size")
-    assert trials.loc[64, "status"] == "completed"
-    assert trials.loc[32, "status"] == "failed" and "image_size" in trials.loc[32, "error"]
+    trials = ResultsStore(tmp_path, "fail").trials().set_index("lr")
+    assert trials.loc[1e-3, "status"] == "completed"
+    assert trials.loc[1e9, "status"] == "failed" and "non-finite" in trials.loc[1e9, "error"]
     assert "1 trial(s) failed" in proc.stderr
 
 
