@@ -172,3 +172,19 @@ def test_batches_are_augmented_only_when_asked_and_come_in_the_asked_layout():
     first = next(iter(plain))
     np.testing.assert_allclose(first.permute(0, 2, 3, 1).numpy(), images[:8] / 255.0, atol=1e-7)
     assert math.isclose(float(first.mean()), images[:8].mean() / 255.0, rel_tol=1e-5)
+
+
+# --- opening a cache ------------------------------------------------------------------------------------------
+
+
+def test_cache_is_loaded_into_ram_when_it_fits_and_memory_mapped_otherwise(blob_cache, monkeypatch):
+    from galaxygen.data import cache as cache_module
+
+    in_ram = cache_module.Cache.open(blob_cache)
+    assert not isinstance(in_ram.images, np.memmap) and in_ram.images.flags.owndata
+    assert not in_ram.images.flags.writeable
+    monkeypatch.setattr(cache_module, "IN_MEMORY_LIMIT_BYTES", in_ram.images.nbytes - 1)
+    mapped = cache_module.Cache.open(blob_cache)
+    assert isinstance(mapped.images, np.memmap)
+    assert isinstance(cache_module.Cache.open(blob_cache, in_memory=False).images, np.memmap)
+    np.testing.assert_array_equal(mapped.images, in_ram.images)

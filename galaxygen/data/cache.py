@@ -48,7 +48,8 @@ class Cache:
         if in_memory is None:
             in_memory = images.nbytes <= IN_MEMORY_LIMIT_BYTES
         if in_memory:
-            images = np.ascontiguousarray(images)
+            images = np.array(images)  # a copy in RAM (ascontiguousarray would keep a view of the mapping)
+            images.flags.writeable = False  # read-only, like the mapping
         catalog = pd.read_parquet(path / CATALOG)
         manifest = json.loads((path / MANIFEST).read_text())
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
