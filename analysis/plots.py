@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from analysis.tables import SweepData, final_values, sort_key  # noqa: E402
+from galaxygen.evaluate import METRICS, direction  # noqa: E402
 
 DPI = 110
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "figure.dpi": DPI})
@@ -198,10 +199,6 @@ def eval_baselines(data: SweepData) -> pd.DataFrame:
 
 def eval_metric_order(names) -> list[str]:
     """Sample-quality metric names in galaxygen.evaluate's order (headline scores first), without 'info' ones."""
-    try:
-        from galaxygen.evaluate import METRICS, direction
-    except ImportError:  # the analysis still reads stores written elsewhere
-        return sorted(n for n in names if n != "eval_n")
     order = [k.removesuffix("*") for k in METRICS]
     first = ("morph_score", "fid_domain", "kid_domain")
 
@@ -214,10 +211,6 @@ def eval_metric_order(names) -> list[str]:
 
 
 def goal(name: str) -> str:
-    try:
-        from galaxygen.evaluate import direction
-    except ImportError:
-        return ""
     return GOALS.get(direction(name), "")
 
 

@@ -165,8 +165,10 @@ class RunData:
     val: np.ndarray
 
 
-def open_data(config: TrainConfig, world_size: int = 1, in_memory: bool | None = None) -> RunData:
-    """Check everything about a run's inputs that can be wrong, before any work; open its data.
+def open_data(config: TrainConfig, world_size: int = 1, in_memory: bool | None = None,
+              cache: Cache | None = None) -> RunData:
+    """Check everything about a run's inputs that can be wrong, before any work; open its data (or take
+    `cache`, already open, so several configs on one cache read it once).
 
     Raises one ConfigError (or CacheError) naming the problem: a batch that does not divide over the
     ranks, a cache of another image size or without a val split, a train split smaller than one batch,
@@ -181,7 +183,7 @@ def open_data(config: TrainConfig, world_size: int = 1, in_memory: bool | None =
     except ValueError as err:
         raise ConfigError(f"invalid config image_size={config.image_size}: allowed are the sizes {config.model} "
                           f"can take ({err})") from None
-    cache = Cache.open(config.data or default_cache(), in_memory=in_memory)
+    cache = cache or Cache.open(config.data or default_cache(), in_memory=in_memory)
     if cache.size != config.image_size:
         raise ConfigError(f"invalid config image_size={config.image_size}: the cache {cache.path} holds "
                           f"{cache.size} px images")
@@ -236,7 +238,7 @@ class Trainer:
             return False
         state = checkpoint.load(path, self.device)
         saved = TrainConfig.from_dict(state["config"]).resolved().to_dict()
-        differ = [k for k, v in self.config.to_dict().items() if k != "epochs" and saved.get(k) != v]
+        differ = [k for k, v in self.config.to_dict().items() if k != "epochs" and saved[k] != v]
         if differ:
             raise ConfigError(f"{path} was trained with another config ({', '.join(f'{k}={saved[k]!r}' for k in differ)}); "
                               "resuming needs the same config (only epochs may change): pick another trial id")

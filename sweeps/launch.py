@@ -258,12 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         from galaxygen.data import default_cache
 
         default_cache()
-    from galaxygen.data import CacheError
+    from galaxygen.data import Cache, CacheError
     from galaxygen.train import open_data
 
     try:  # every trial's inputs against the data (image size, split sizes, model), before Ray starts
+        caches: dict[str, Cache] = {}
         for c in configs:
-            open_data(c.resolved(), in_memory=False)
+            if c.data not in caches:
+                caches[c.data] = Cache.open(c.data, in_memory=False)
+            open_data(c.resolved(), cache=caches[c.data])
     except (ConfigError, CacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
