@@ -31,6 +31,7 @@ from analysis.tables import (
     write_table,
 )
 from galaxygen.cli import positive
+from galaxygen.data.loader import to_float
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def held_out(path: Path, n: int, statmorph: bool = False) -> HeldOut:
 
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (N, S, S, 3) -> float (N, 3, size, size) in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    x = to_float(images)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="area")
     return x

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from galaxygen import home
 from galaxygen.data.cache import Cache, content_hash
+from galaxygen.data.loader import to_float
 from galaxygen.results import atomic_path
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,6 @@ class DomainEncoder(nn.Module):
         return self.body(x - 0.5)
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> float (N, 3, S, S) in [0, 1]."""
-    return torch.as_tensor(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The batch under one random flip and 90-degree rotation (a different one per batch)."""
     t = int(torch.randint(0, 8, (1,), generator=generator))
@@ -162,7 +158,7 @@ def dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def embed(encoder: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Encoder features (N, D) float64 of uint8 (N, S, S, 3) images."""
     encoder.eval()
-    parts = [encoder(to_tensor(images[i : i + batch_size])).double().numpy() for i in range(0, len(images), batch_size)]
+    parts = [encoder(to_float(images[i : i + batch_size])).double().numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM))
 
 

@@ -13,6 +13,8 @@ import os
 import numpy as np
 import torch
 
+from galaxygen.data.loader import to_float
+
 log = logging.getLogger(__name__)
 
 KID_SUBSET = 1000
@@ -115,7 +117,7 @@ class InceptionFeatures:
         """2048-d features (N, 2048) of uint8 (N, S, S, 3) images."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = torch.as_tensor(np.array(images[i : i + batch_size], dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255
+            x = to_float(images[i : i + batch_size])
             x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             out.append(self.model(x * 2 - 1).double().numpy())
         return np.concatenate(out)

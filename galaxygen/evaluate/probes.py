@@ -11,6 +11,8 @@ import re
 import numpy as np
 import torch
 
+from galaxygen.data.loader import to_float
+
 RIDGE = 1e-3
 MAX_FIT = 2000
 
@@ -27,7 +29,7 @@ def posterior_means(model: torch.nn.Module, images: np.ndarray, batch_size: int 
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(np.array(images[i : i + batch_size], dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255
+        x = to_float(images[i : i + batch_size])
         out.append(model.encode(x.to(device))[0].double().cpu().numpy())
     return np.concatenate(out)
 
