@@ -51,7 +51,10 @@ def to_float(images: np.ndarray, memory_format: torch.memory_format = torch.cont
 
     The cache stores pixels channel-last, so torch.channels_last costs no reordering at all.
     """
-    nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # a slice of a read-only cache: torch wants a writable buffer
+        images = images.copy()
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
     return nchw.contiguous(memory_format=memory_format).float().div_(255.0)
 
 
