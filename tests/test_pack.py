@@ -246,7 +246,7 @@ def bad_folder(tmp_path) -> Path:
     (root / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (root / "text.jpg").write_text("this is not a JPEG\n" * 20)
     save(root / "png_inside.jpg", disk(), format="PNG")
-    save(root / "grey.jpg", disk()[:, :, 0], quality=92)
+    save(root / "grey.jpg", disk(value=240)[:, :, 0], quality=92)  # values differ from good.jpg: no duplicate
     Image.fromarray(np.full((424, 424, 3), (255, 0, 0), np.uint8)).convert("CMYK").save(root / "cmyk.jpg")
     png16(root / "grey16.png", np.full((424, 424), 128 * 257, np.uint16))
     rgb16 = np.zeros((424, 424, 3), np.uint16)
@@ -255,7 +255,7 @@ def bad_folder(tmp_path) -> Path:
     save(root / "tiny.png", disk(40, radius=5))  # crop 19.5 px >= SIZE / 2 = 16: upscaled
     save(root / "minute.png", disk(20, radius=3))  # crop 9.8 px < 16: skipped
     save(root / "small.png", disk(50, radius=10))  # crop 24.4 px: upscaled to 32
-    save(root / "wide.jpg", disk(600, 424, radius=50), quality=92)
+    save(root / "wide.jpg", disk(600, 424, radius=50, value=245), quality=92)
     return root
 
 
@@ -498,3 +498,161 @@ def test_synthetic_gz2_layout_packs_end_to_end(tmp_path):
     centre = cache.images[:, 24:40, 24:40].mean()
     edge = cache.images[:, :8, :8].mean()
     assert centre > 2 * edge, "galaxies are centred in the packed 207 px crop"
+
+
+# data integrity: duplicates, huge, multi-frame and broken images ----------------------------------
+
+
+def names_in_other_splits(name: str, count: int) -> list[str]:
+    """`count` file stems whose split differs from the split of `name` (so a copy would leak across splits)."""
+    found = [f"z{k}" for k in range(200) if split_of(f"z{k}") != split_of(name)]
+    return found[:count]
+
+
+def test_identical_images_under_other_names_are_packed_once_and_listed(tmp_path):
+    root = tmp_path / "dups"
+    original = save(root / "orig.png", disk(128, radius=30))
+    copies = names_in_other_splits("orig", 3)
+    (root / f"{copies[0]}.png").write_bytes(original.read_bytes())  # byte-identical
+    save(root / "sub" / f"{copies[1]}.png", disk(128, radius=30), compress_level=1)  # other bytes, same pixels
+    outside = disk(128, radius=30)
+    outside[0, 0] = 255  # differs only outside the central crop: the same packed image
+    save(root / "sub" / f"{copies[2]}.png", outside)
+    inside = disk(128, radius=30)
+    inside[64, 64] = 0  # differs at the centre: another image
+    save(root / "other.png", inside)
+    jpeg = save(root / "j.jpg", disk(128, radius=20), quality=90)
+    (root / "sub" / "j2.jpg").write_bytes(jpeg.read_bytes())
+    for workers in (1, 2):
+        out = pack(root, tmp_path / f"cache{workers}", size=SIZE, workers=workers)
+        cache = Cache.open(out)
+        assert list(cache.catalog["id"]) == ["j", "orig", "other"]
+        manifest = manifest_of(out)
+        assert manifest["duplicates"] == {"j": ["sub/j2"], "orig": [copies[0], f"sub/{copies[1]}", f"sub/{copies[2]}"]}
+        reasons = skipped_reasons(out)
+        assert reasons[f"{copies[0]}.png"] == "duplicate image: the same pixels as orig (orig.png), packed once"
+        assert reasons["sub/j2.jpg"] == "duplicate image: the same pixels as j (j.jpg), packed once"
+        assert manifest["counts"]["skipped_by_reason"] == {"duplicate image": 4}
+        assert len({image.tobytes() for image in cache.images}) == len(cache), "an image is packed twice"
+    assert {split_of(c) for c in copies} - {split_of("orig")}, "without deduplication orig would be in two splits"
+
+
+def test_galaxy10_duplicate_frames_are_packed_once(tmp_path):
+    path = make_galaxy10(tmp_path / "g10.h5", n=4)
+    with h5py.File(path, "r+") as h5:
+        h5["images"][3] = h5["images"][1]
+    out = pack(path, tmp_path / "cache", size=SIZE, workers=1)
+    assert list(Cache.open(out).catalog["id"]) == ["g10-0", "g10-1", "g10-2"]
+    assert manifest_of(out)["duplicates"] == {"g10-1": ["g10-3"]}
+
+
+def png_header_only(path: Path, width: int, height: int, bits: int = 1) -> Path:
+    """A PNG declaring width x height pixels, with an IDAT of zero rows (enough for the header to be read)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def png_bomb(path: Path, side: int = 13000) -> Path:
+    """A real, complete 1-bit black PNG of side x side pixels: about 20 kB on disk, 169 MB decoded at 13,000 px."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = bytes(1 + (side + 7) // 8)
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_too_large_images_are_refused_from_the_header(tmp_path):
+    import warnings
+
+    from galaxygen.data.decode import MAX_PIXELS
+
+    side = int(MAX_PIXELS**0.5) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning must not reach the user
+        over_ours = decode_file(png_header_only(tmp_path / "a.png", side, side), 207 / 424, SIZE)
+        over_pils = decode_file(png_header_only(tmp_path / "b.png", 20000, 20000), 207 / 424, SIZE)
+        between = decode_file(png_header_only(tmp_path / "c.png", 13000, 13000), 207 / 424, SIZE)
+    assert over_ours.reason.startswith(f"too large: {side}x{side} is ")
+    assert "over the limit of 25 megapixels (refused from the header, before decoding)" in over_ours.reason
+    assert between.reason.startswith("too large: 13000x13000 is 169.0 megapixels")
+    assert over_pils.reason.startswith("too large: ") and "(refused from the header" in over_pils.reason
+    at_limit = decode_file(png_header_only(tmp_path / "d.png", side - 1, side - 1), 207 / 424, SIZE)
+    assert not at_limit.reason.startswith("too large")  # within the limit: decoding is attempted (and fails)
+
+
+def test_a_20_kb_png_of_13000_px_is_skipped_in_bounded_memory(tmp_path):
+    """Pack the PNG bomb in a fresh process and measure its peak RSS: decoding it would add >= 169 MB."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "src"
+    save(root / "good.png", disk(128))
+    bomb = png_bomb(root / "bomb.png")
+    assert bomb.stat().st_size < 25_000
+    script = f"""
+import json, resource
+from pathlib import Path
+from galaxygen.data.pack import pack
+root = Path({str(root)!r})
+(root.parent / "warm").mkdir()
+(root.parent / "warm" / "w.png").write_bytes((root / "good.png").read_bytes())
+pack(root.parent / "warm", root.parent / "cache-warm", size=16, workers=1)  # imports and first-use costs
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = pack(root, root.parent / "cache", size=16, workers=1)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"grew_mb": (after - before) / 1024}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    grew = json.loads(done.stdout.strip().splitlines()[-1])["grew_mb"]
+    assert grew < 60, f"peak memory grew by {grew:.0f} MB while skipping the PNG bomb"
+    assert skipped_reasons(tmp_path / "cache")["bomb.png"].startswith("too large: 13000x13000")
+    assert len(Cache.open(tmp_path / "cache")) == 1
+
+
+def test_multi_frame_images_use_the_first_frame_and_say_so(tmp_path):
+    root = tmp_path / "anim"
+    root.mkdir()
+    for k, (name, kwargs) in enumerate((("a.gif", {}), ("b.png", {}), ("c.tif", {}), ("d.webp", {"lossless": True}))):
+        frames = [Image.fromarray(disk(128, radius=12 + 4 * k, value=v)) for v in (200, 90, 30)]
+        frames[0].save(root / name, save_all=True, append_images=frames[1:], **kwargs)
+    out = pack(root, tmp_path / "cache", size=SIZE, workers=1)
+    cache = Cache.open(out)
+    assert len(cache) == 4
+    assert cache.images[:, SIZE // 2, SIZE // 2].tolist() == [[200, 200, 200]] * 4  # the first frame's value
+    notes = {a["file"]: a["note"] for a in manifest_of(out)["adjusted_files"]}
+    assert notes == {"a.gif": "multi-frame: GIF with 3 frames, the first used",
+                     "b.png": "multi-frame: PNG with 3 frames, the first used",
+                     "c.tif": "multi-frame: TIFF with 3 frames, the first used",
+                     "d.webp": "multi-frame: WEBP with 3 frames, the first used"}
+    assert list(cache.catalog["note"]) == list(notes.values())
+
+
+def test_truncated_and_corrupt_images_are_skipped_with_a_reason(tmp_path):
+    root = tmp_path / "broken"
+    good = save(root / "good.png", disk(128, radius=30) + np.random.default_rng(0).integers(0, 9, (128, 128, 3),
+                                                                                             dtype=np.uint8))
+    whole = good.read_bytes()
+    (root / "cut.png").write_bytes(whole[: len(whole) // 2])
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF  # a flipped byte inside the compressed pixel data
+    (root / "flipped.png").write_bytes(bytes(flipped))
+    Image.fromarray(disk(128)).save(root / "g.gif")
+    gif = (root / "g.gif").read_bytes()
+    (root / "half.gif").write_bytes(gif[: len(gif) // 2])
+    (root / "g.gif").unlink()
+    out = pack(root, tmp_path / "cache", size=SIZE, workers=1)
+    reasons = skipped_reasons(out)
+    assert set(reasons) == {"cut.png", "flipped.png", "half.gif"}
+    assert all(r.startswith("truncated or corrupt: ") for r in reasons.values()), reasons
+    assert list(Cache.open(out).catalog["id"]) == ["good"]

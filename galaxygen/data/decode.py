@@ -17,14 +17,24 @@ Rules, applied to every image the same way:
   read as 16-bit: clipped to 0-65535, then scaled the same way).
 - An image whose central crop is smaller than half the output size is skipped
   ("too small"); between half and the full size it is upscaled, and a note records it.
+- An image of more than MAX_PIXELS pixels (25 megapixels, e.g. 5000 x 5000) is skipped ("too
+  large") on the size in its header, before any pixel is decoded: memory per decoder stays
+  bounded (a 20 kB PNG can declare 13,000 x 13,000 pixels, 0.5 GB as RGB). PIL's own
+  decompression-bomb guard (Image.MAX_IMAGE_PIXELS, 89 megapixels by default) is left as it is:
+  its warning is silenced, because every image it would warn about is refused here anyway with a
+  clearer reason, and its error (beyond twice its limit, raised while reading the header) becomes
+  the same "too large" skip.
+- Multi-frame images (animated GIF, APNG or WebP, multi-page TIFF) use their first frame, and a
+  note records it.
 - Anything that cannot be decoded (empty, not an image, truncated, corrupt, floating-point
-  pixels, decompression bomb) is reported with a reason instead of raising.
+  pixels) is reported with a reason instead of raising.
 - EXIF orientation is ignored (survey cutouts carry none, and orientation is irrelevant here).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +44,8 @@ from PIL import Image, UnidentifiedImageError
 GZ2_FRAME = 424
 RESAMPLE = Image.Resampling.LANCZOS
 RESAMPLE_NAME = "lanczos"
-DECODER_VERSION = 1
+DECODER_VERSION = 2
+MAX_PIXELS = 25_000_000
 EXTENSION_FORMATS = {
     ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
     ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
@@ -85,6 +96,28 @@ def too_small(width: int, height: int, crop_fraction: float, size: int) -> str:
     return ""
 
 
+def too_large(width: int, height: int) -> str:
+    """A skip reason when a frame has more than MAX_PIXELS pixels, else ''."""
+    pixels = width * height
+    if pixels > MAX_PIXELS:
+        return (f"too large: {width}x{height} is {pixels / 1e6:.1f} megapixels, over the limit of "
+                f"{MAX_PIXELS / 1e6:g} megapixels (refused from the header, before decoding)")
+    return ""
+
+
+def frames_note(img: Image.Image) -> str:
+    """A note when an image holds several frames (only the first is used), else ''."""
+    frames = getattr(img, "n_frames", 1)
+    return f"multi-frame: {img.format} with {frames} frames, the first used" if frames > 1 else ""
+
+
+def open_lazily(path: Path) -> Image.Image:
+    """Open an image reading its header only (see the module notes on PIL's decompression-bomb guard)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def notes_for(width: int, height: int, crop_fraction: float, size: int) -> list[str]:
     """Notes on adjustments made to a decodable frame (non-square, upscaled)."""
     notes = []
@@ -99,8 +132,10 @@ def notes_for(width: int, height: int, crop_fraction: float, size: int) -> list[
 
 def sixteen_bit_to_float(img: Image.Image) -> Image.Image:
     """A 16-bit (or 32-bit integer) single-band image as float 'F' on the 0-255 scale (value / 257)."""
-    values = np.asarray(img).astype(np.float32)
-    return Image.fromarray((np.clip(values, 0, 65535) / 257.0).astype(np.float32))
+    values = np.asarray(img).astype(np.float32)  # the one float copy: clip and scale in place
+    np.clip(values, 0, 65535, out=values)
+    values /= 257.0
+    return Image.fromarray(values)
 
 
 def normalise_mode(img: Image.Image) -> tuple[Image.Image, str]:
@@ -148,12 +183,12 @@ def decode_file(path: str | Path, crop_fraction: float, size: int) -> Decoded:
     try:
         if path.stat().st_size == 0:
             return Decoded(None, reason="empty file: 0 bytes")
-        with Image.open(path) as img:
+        with open_lazily(path) as img:
             width, height = img.size
-            reason = too_small(width, height, crop_fraction, size)
+            reason = too_large(width, height) or too_small(width, height, crop_fraction, size)
             if reason:
                 return Decoded(None, width, height, reason=reason)
-            notes = [n for n in [extension_note(path, img.format)] if n]
+            notes = [extension_note(path, img.format), frames_note(img)]
             notes += notes_for(width, height, crop_fraction, size)
             if img.format == "JPEG":
                 img.draft(img.mode, draft_request(width, height, crop_fraction, size))
@@ -167,12 +202,12 @@ def decode_file(path: str | Path, crop_fraction: float, size: int) -> Decoded:
     except UnidentifiedImageError:
         return Decoded(None, reason="not an image: no image format recognises the content")
     except Image.DecompressionBombError as err:
-        return Decoded(None, reason=f"too large: {err}")
+        return Decoded(None, reason=f"too large: {err} (refused from the header, before decoding)")
     except (OSError, SyntaxError, ValueError) as err:
         return Decoded(None, reason=f"truncated or corrupt: {err}")
     except Exception as err:  # a broken file must never stop a pack: any decoder failure is a skip
         return Decoded(None, reason=f"truncated or corrupt: {type(err).__name__}: {err}")
-    return Decoded(pixels, width, height, note="; ".join(notes))
+    return Decoded(pixels, width, height, note="; ".join(n for n in notes if n))
 
 
 def decode_array(frame: np.ndarray, crop_fraction: float, size: int) -> Decoded:

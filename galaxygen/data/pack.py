@@ -7,12 +7,19 @@ worker processes, and writes a cache with galaxygen.data.cache.CacheWriter:
 
 - images.npy (N, size, size, 3) uint8, one row per packed image;
 - catalog.parquet: id, source (file relative to the source), split (galaxygen.splits.split_of),
-  src_width, src_height (the frame), note (adjustments: non-square, upscaled, format mismatch),
-  then the source's labels (NaN for images without a catalog row);
+  src_width, src_height (the frame), note (adjustments: non-square, upscaled, format mismatch,
+  multi-frame), then the source's labels (NaN for images without a catalog row);
 - manifest.json: source, format, options, input fingerprint, counts (found = packed + skipped,
-  unlabelled, adjusted, skipped by reason) and every skipped file with its reason.
+  unlabelled, adjusted, skipped by reason), every skipped file with its reason, every adjusted
+  file with its note, and the duplicates found (kept id -> ids of the same image).
 
-A bad file never stops a pack: it is skipped and listed. Re-running with the same source and
+A bad file never stops a pack: it is skipped and listed. Duplicates are found by a content hash
+(blake2b) of the packed pixels, the size x size image each entry would add: an image stored
+under several names (byte-identical copies, the same pixels in another file format, frames that
+differ only outside the crop) is packed once, as its first entry in source order, and the others
+are skipped as "duplicate image", so no image of the cache is in two splits, which is what
+matters for held-out evaluation. (A hash of the file bytes would miss the same pixels re-saved
+with other compression settings or metadata, and means nothing for Galaxy10 frames.) Re-running with the same source and
 options gives the same content hash; when the existing manifest's fingerprint (format, options,
 decoder version, every file's size and mtime) matches, the pack is not redone.
 """
@@ -203,24 +210,34 @@ def write_cache(src: Source, out: Path, options: dict, fp: str, workers: int | N
     keep = np.zeros(n, dtype=bool)
     widths, heights = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     notes = [""] * n
+    first_of: dict[bytes, int] = {}  # content hash of the packed pixels -> the entry packed with them
+    duplicates: dict[str, list[str]] = {}
     writer = CacheWriter(out, n, size)
     try:
         todo = n - sum(1 for s in src.skip if s)
         with tqdm(total=todo, unit="img", desc=f"pack {src.format}", disable=None, mininterval=1.0) as bar:
             for index, result in decode_all(src, options["crop_fraction"], size, workers):
                 widths[index], heights[index] = result.width, result.height
+                bar.update(1)
                 if result.pixels is None:
                     src.skip[index] = result.reason
-                else:
-                    writer.images[index] = result.pixels
-                    keep[index] = True
-                    notes[index] = result.note
-                bar.update(1)
+                    continue
+                digest = hashlib.blake2b(result.pixels.tobytes()).digest()
+                if digest in first_of:  # results arrive in source order: the first one is kept
+                    kept = first_of[digest]
+                    src.skip[index] = (f"duplicate image: the same pixels as {src.ids[kept]} ({src.files[kept]}), "
+                                       "packed once")
+                    duplicates.setdefault(src.ids[kept], []).append(src.ids[index])
+                    continue
+                first_of[digest] = index
+                writer.images[index] = result.pixels
+                keep[index] = True
+                notes[index] = result.note
         if not keep.any():
             reasons = "; ".join(f"{r} ({c}x)" for r, c in reason_counts(src.skip).most_common(3))
             raise ValueError(f"none of the {n} images in {src.path} could be packed: {reasons}")
         catalog = build_catalog(src, options["splits"], widths, heights, notes)[keep]
-        manifest = build_manifest(src, options, fp, keep, catalog)
+        manifest = build_manifest(src, options, fp, keep, catalog, duplicates)
         path = writer.finish(catalog, manifest, keep=keep)
     except BaseException:
         writer.abort()
@@ -255,8 +272,9 @@ def reason_counts(skip: list[str]) -> Counter:
     return Counter(reason_kind(s) for s in skip if s)
 
 
-def build_manifest(src: Source, options: dict, fp: str, keep: np.ndarray, catalog: pd.DataFrame) -> dict:
-    """The manifest: source, format, options, fingerprint, counts and every skipped file with its reason."""
+def build_manifest(src: Source, options: dict, fp: str, keep: np.ndarray, catalog: pd.DataFrame,
+                   duplicates: dict[str, list[str]]) -> dict:
+    """The manifest: source, format, options, fingerprint, counts, skipped and adjusted files, duplicates."""
     label_cols = [c for c in catalog.columns if c not in META_COLUMNS]
     unlabelled = int(catalog[label_cols].isna().all(axis=1).sum()) if label_cols else None
     skipped = [{"id": src.ids[k], "file": src.files[k], "reason": src.skip[k]}
@@ -278,7 +296,10 @@ def build_manifest(src: Source, options: dict, fp: str, keep: np.ndarray, catalo
         },
         "labels": label_cols,
         **src.extra,
+        "duplicates": duplicates,
         "skipped_files": skipped,
+        "adjusted_files": [{"id": row.id, "file": row.source, "note": row.note}
+                           for row in catalog.itertuples() if row.note],
     }
 
 
