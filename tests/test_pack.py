@@ -656,3 +656,29 @@ def test_truncated_and_corrupt_images_are_skipped_with_a_reason(tmp_path):
     assert set(reasons) == {"cut.png", "flipped.png", "half.gif"}
     assert all(r.startswith("truncated or corrupt: ") for r in reasons.values()), reasons
     assert list(Cache.open(out).catalog["id"]) == ["good"]
+
+
+def test_symlink_loops_are_reported_and_the_walk_ends(tmp_path):
+    root = tmp_path / "links"
+    save(root / "top.png", disk(128, radius=20))
+    save(root / "sub" / "inner.png", disk(128, radius=25))
+    (root / "sub" / "up").symlink_to("..")  # back to the source folder: a loop
+    (root / "sub" / "here").symlink_to(".")  # to its own folder: a loop
+    (root / "zlink").symlink_to("sub")  # a second way into sub: walked once
+    (root / "a.jpg").symlink_to("b.jpg")
+    (root / "b.jpg").symlink_to("a.jpg")  # a.jpg and b.jpg never resolve
+    (root / "knot").symlink_to("knot")  # neither, whatever its name
+    (root / "gone.png").symlink_to("nowhere.png")
+    out = pack(root, tmp_path / "cache", size=SIZE, workers=1)
+    assert list(Cache.open(out).catalog["id"]) == ["top", "sub/inner"]
+    reasons = skipped_reasons(out)
+    assert reasons == {
+        "a.jpg": "symlink loop: a.jpg -> b.jpg never resolves",
+        "b.jpg": "symlink loop: b.jpg -> a.jpg never resolves",
+        "knot": "symlink loop: knot -> knot never resolves",
+        "gone.png": "missing: gone.png is a broken symbolic link (to nowhere.png)",
+        "sub/here": "symlink loop: sub/here -> . leads back to sub",
+        "sub/up": "symlink loop: sub/up -> .. leads back to .",
+        "zlink": "already walked: zlink is the folder sub (symbolic link)",
+    }
+    assert manifest_of(out)["counts"]["skipped_by_reason"] == {"already walked": 1, "missing": 1, "symlink loop": 5}

@@ -49,7 +49,7 @@ from galaxygen.data.decode import (
     decode_array,
     decode_file,
 )
-from galaxygen.data.sources import Source, open_source
+from galaxygen.data.sources import Source, open_source, unreadable_reason
 from galaxygen.splits import DEFAULT_FRACTIONS, check_fractions, split_of
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def stat_entries(src: Source) -> list[tuple[int, int] | None]:
         try:
             st = os.stat(src.path / rel)
             stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            src.skip[k] = f"missing: image file {rel} not found"
+        except OSError as err:
+            src.skip[k] = unreadable_reason(src.path / rel, rel, err)
             stats.append(None)
     return stats
 

@@ -15,12 +15,18 @@ Formats (see each reader for the exact files):
   and the optional columns.
 - folder: any folder of images (jpg, jpeg, png, tif, tiff, bmp, gif, webp), recursively,
   hidden files and folders ignored. id = relative path without extension (POSIX slashes).
+
+Folders are walked following symbolic links, each real folder once (see `walk_images`): a link
+that leads back to a folder on its own path, or that cannot be resolved because it points to
+itself, is listed as a skipped entry ("symlink loop"), never walked forever.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +111,7 @@ def detect(path: Path) -> str:
         return "kaggle"
     if h5_files(path):
         return "galaxy10"
-    if any(True for _ in iter_images(path)):
+    if any(not reason for _, reason in walk_images(path)):
         return "folder"
     raise ValueError(f"cannot detect the format of {path}: found none of {LOOKED_FOR}")
 
@@ -252,12 +258,12 @@ def read_kaggle(path: Path) -> Source:
         log.warning("%s: %d duplicated GalaxyID rows, keeping the first of each", catalog_path.name,
                     int(catalog["GalaxyID"].duplicated().sum()))
     catalog = catalog.drop_duplicates("GalaxyID").set_index("GalaxyID")
-    jpegs = iter_images(images_dir, (".jpg", ".jpeg"))
-    found = sorted(((p.stem, p.relative_to(path).as_posix()) for p in jpegs),
+    found = sorted(((p.stem if not reason else p.relative_to(path).as_posix(), p.relative_to(path).as_posix(), reason)
+                    for p, reason in walk_images(images_dir, (".jpg", ".jpeg"))),
                    key=lambda e: (id_order(e[0]), e[1]))
-    ids = [galaxy_id for galaxy_id, _ in found]
-    files = [rel for _, rel in found]
-    skip = [""] * len(ids)
+    ids = [galaxy_id for galaxy_id, _, _ in found]
+    files = [rel for _, rel, _ in found]
+    skip = [reason for _, _, reason in found]
     orphans = sorted(set(catalog.index) - set(ids) - {""}, key=id_order)
     ids += orphans
     files += [f"{KAGGLE_IMAGES}/{galaxy_id}.jpg" for galaxy_id in orphans]
@@ -328,21 +334,81 @@ def read_column(h5, name: str, n: int, h5_path: Path) -> np.ndarray:
 # folder ----------------------------------------------------------------------------------------
 
 
-def iter_images(root: Path, extensions: tuple[str, ...] | frozenset[str] = IMAGE_EXTENSIONS):
-    """Image files under root, recursively, in sorted order, skipping hidden files and folders."""
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                yield Path(folder) / name
+def walk_images(root: Path, extensions: tuple[str, ...] | frozenset[str] = IMAGE_EXTENSIONS,
+                ) -> Iterator[tuple[Path, str]]:
+    """(path, skip reason) of every image file under root: '' for a file to decode, else why it cannot be.
+
+    Order: a folder's files by name, then its sub-folders by name, recursively; hidden files and
+    folders are ignored. Symbolic links are followed, each real folder (device, inode) walked once, so
+    the walk always ends: a link back to a folder on its own path and a link that cannot be resolved
+    because it points to itself (ELOOP) are yielded as "symlink loop", a second way into a folder
+    walked already as "already walked", an unreadable folder as "unreadable folder".
+    """
+    def rel(path: Path) -> str:
+        return path.relative_to(root).as_posix() or "."
+
+    def identity(path: Path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    walked = {identity(root): root}
+    stack: list[tuple[Path, frozenset]] = [(root, frozenset(walked))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            yield folder, f"unreadable folder: {rel(folder)}: {err.strerror}"
+            continue
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+                key = identity(path) if is_dir else None
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    yield path, unreadable_reason(path, rel(path), err)
+                    continue
+                is_dir = False
+            if is_dir:
+                folders.append((path, key))
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                yield path, ""
+        todo = []
+        for path, key in folders:
+            if key in ancestors:
+                yield path, (f"symlink loop: {rel(path)} -> {os.readlink(path)} leads back to "
+                             f"{rel(walked[key])}")
+            elif key in walked:
+                yield path, f"already walked: {rel(path)} is the folder {rel(walked[key])} (symbolic link)"
+            else:
+                walked[key] = path
+                todo.append((path, ancestors | {key}))
+        stack.extend(reversed(todo))  # popped in name order
+
+
+def unreadable_reason(path: Path, rel: str, err: OSError) -> str:
+    """The skip reason of an entry whose file cannot be reached (os.stat failed with err)."""
+    if err.errno == errno.ELOOP:
+        return f"symlink loop: {rel} -> {os.readlink(path)} never resolves"
+    if err.errno == errno.ENOENT:
+        if path.is_symlink():
+            return f"missing: {rel} is a broken symbolic link (to {os.readlink(path)})"
+        return f"missing: image file {rel} not found"
+    return f"unreadable: {rel}: {err.strerror}"
 
 
 def read_folder(path: Path) -> Source:
     """Any folder of images, recursively; id = relative path without extension."""
     require_dir(path, "folder")
-    files = [p.relative_to(path).as_posix() for p in iter_images(path)]
-    if not files:
-        raise ValueError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    ids = [os.path.splitext(f)[0] for f in files]
-    skip = duplicate_reasons(ids, files, [""] * len(files))
+    found = [(p.relative_to(path).as_posix(), reason) for p, reason in walk_images(path)]
+    if all(reason for _, reason in found):
+        raise ValueError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                         + "".join(f"; {reason}" for _, reason in found[:3]))
+    files = [rel for rel, _ in found]
+    ids = [rel if reason else os.path.splitext(rel)[0] for rel, reason in found]
+    skip = duplicate_reasons(ids, files, [reason for _, reason in found])
     return Source("folder", path, ids, files, pd.DataFrame(index=pd.RangeIndex(len(files))), skip)
