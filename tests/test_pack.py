@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -591,9 +597,6 @@ def test_too_large_images_are_refused_from_the_header(tmp_path):
 
 def test_a_20_kb_png_of_13000_px_is_skipped_in_bounded_memory(tmp_path):
     """Pack the PNG bomb in a fresh process and measure its peak RSS: decoding it would add >= 169 MB."""
-    import subprocess
-    import sys
-
     root = tmp_path / "src"
     save(root / "good.png", disk(128))
     bomb = png_bomb(root / "bomb.png")
@@ -682,3 +685,69 @@ def test_symlink_loops_are_reported_and_the_walk_ends(tmp_path):
         "zlink": "already walked: zlink is the folder sub (symbolic link)",
     }
     assert manifest_of(out)["counts"]["skipped_by_reason"] == {"already walked": 1, "missing": 1, "symlink loop": 5}
+
+
+# killed writers ------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_and_kill(argv: list[str], out: Path) -> Path:
+    """Run `python -m galaxygen.data ARGV`, kill -9 it once it has written for a moment; its hidden temporary."""
+    proc = subprocess.Popen([sys.executable, "-m", "galaxygen.data", *argv], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (temporaries := list(out.parent.glob(f".{out.name}.tmp-*"))):
+            assert proc.poll() is None, f"{argv[0]} ended before it wrote anything"
+            assert time.monotonic() < deadline, f"{argv[0]} wrote no temporary within 120 s"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, f"{argv[0]} finished before it could be killed"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return temporaries[0]
+
+
+@pytest.mark.parametrize("command", ["pack", "synth", "synth-gz2"])
+def test_a_killed_writer_leaves_no_temporary_behind_on_the_next_run(tmp_path, command):
+    from galaxygen.data.synth import synthesize
+
+    out, src = tmp_path / "out", tmp_path / "src"
+    if command == "pack":  # 150 names of one 2000 px PNG: seconds of decoding
+        first = save(src / "f000.png", np.zeros((2000, 2000, 3), np.uint8))
+        for k in range(1, 150):
+            os.link(first, src / f"f{k:03d}.png")
+        argv = ["pack", str(src), "--out", str(out), "--size", "16", "--workers", "1"]
+    else:
+        layout = "gz2" if command == "synth-gz2" else "cache"
+        argv = ["synth", "--n", "3000", "--out", str(out), "--layout", layout, "--size", "16", "--workers", "1"]
+    stale = run_and_kill(argv, out)
+    assert stale.is_dir() and any(stale.iterdir()) and not out.exists()
+
+    sleeper = subprocess.Popen(["sleep", "60"])  # stands for another writer of `out`, still at work
+    live = tmp_path / f".out.tmp-{socket.gethostname()}-{sleeper.pid}"
+    elsewhere = tmp_path / ".out.tmp-another-host-1"  # a writer on another host of a shared file system
+    live.mkdir()
+    elsewhere.mkdir()
+
+    def rerun() -> None:
+        if command == "pack":
+            pack(src, out, size=16, workers=1)
+        else:
+            synthesize(out, n=3, layout=layout, size=16, workers=1)
+
+    try:
+        if command == "pack":
+            for path in sorted(src.iterdir())[2:]:
+                path.unlink()
+        rerun()
+        assert not stale.exists() and live.is_dir() and elsewhere.is_dir()
+        assert (out / "manifest.json").is_file() or (out / "truth.parquet").is_file()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    rerun()  # for pack: up to date, nothing rewritten, and still the dead writer's temporary goes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [elsewhere.name]

@@ -40,7 +40,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from galaxygen.data.cache import MANIFEST, REQUIRED_COLUMNS, Cache, CacheError, CacheWriter
+from galaxygen.data.cache import (
+    MANIFEST,
+    REQUIRED_COLUMNS,
+    Cache,
+    CacheError,
+    CacheWriter,
+    remove_stale_staging,
+)
 from galaxygen.data.decode import (
     DECODER_VERSION,
     RESAMPLE_NAME,
@@ -84,6 +91,7 @@ def pack(
     fp = fingerprint(src, options, stats)
     out = Path(out)
     check_out(out, src.path)
+    remove_stale_staging(out)  # also when the cache is up to date and no CacheWriter runs
     if not force and up_to_date(out, fp):
         log.info("%s is up to date with %s (same files and options): not repacking", out, src.path)
         return out

@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from galaxygen.data.cache import CacheWriter, replace_dir
+from galaxygen.data.cache import CacheWriter, remove_stale_staging, replace_dir, staging_dir
 from galaxygen.data.synth_gz2 import asset_id, dr7objid, gz2_tables
 from galaxygen.data.synth_model import (
     CLASSES,
@@ -163,7 +163,8 @@ def write_cache(out: Path, n: int, seed: int, size: int, workers: int, fractions
 def write_gz2(out: Path, n: int, seed: int, workers: int, fractions: tuple) -> Path:
     """Render 424 px JPEGs and the GZ2 tables into a temporary folder, then move it to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_staging(out)
+    tmp = staging_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / IMAGE_DIR).mkdir(parents=True)
     try:
