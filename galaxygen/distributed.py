@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
+import logging
 import os
 import re
+import shutil
+import socket
+import struct
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,16 +36,25 @@ class DistEnv:
         return self.world_size > 1
 
 
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as 'gpu[03-05,07],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+class DistributedError(RuntimeError):
+    """The rendezvous cannot be worked out from this environment."""
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """The hosts of a SLURM nodelist such as 'gpu[03-05,07],cpu1', expanded by SLURM itself.
+
+    `scontrol show hostnames` needs a slurm.conf (every SLURM node has one) but no controller.
+    """
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        raise DistributedError(f"cannot expand the SLURM nodelist {nodelist!r}: scontrol is not on PATH "
+                               "(set MASTER_ADDR, or run where the SLURM client commands are installed)")
+    out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=120)
+    hosts = out.stdout.split()
+    if out.returncode != 0 or not hosts:
+        raise DistributedError(f"scontrol could not expand the SLURM nodelist {nodelist!r}: "
+                               f"{out.stderr.strip() or 'no hosts'}")
+    return hosts
 
 
 def master_port_for_job(job_id: str) -> int:
@@ -48,16 +66,60 @@ def master_port_for_job(job_id: str) -> int:
 def read_env(environ: dict | None = None) -> DistEnv:
     """Rank and world size from torchrun's variables, else SLURM's task variables, else one process.
 
-    Fills MASTER_ADDR / MASTER_PORT from SLURM when they are missing.
+    Fills MASTER_ADDR (the job's first host, from `scontrol show hostnames`) and MASTER_PORT (from the job
+    id) when they are missing.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        if "MASTER_ADDR" not in env:  # rank 0 runs on the job's first node
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            env["MASTER_ADDR"] = slurm_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
         env.setdefault("MASTER_PORT", str(master_port_for_job(env.get("SLURM_JOB_ID", "0"))))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return DistEnv()
+
+
+def _resolves_to_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except OSError:  # unresolvable: gloo falls back to the loopback address too
+        return True
+
+
+def route_interface(host: str) -> str:
+    """Name of the network interface this machine uses to reach `host` (Linux)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))  # UDP: picks the route, sends nothing
+        local = s.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == local:
+                return name
+    raise DistributedError(f"no network interface has {local}, the address that reaches {host}")
+
+
+def pin_gloo_interface(environ: dict | None = None, hostname: str | None = None) -> str | None:
+    """Set GLOO_SOCKET_IFNAME to the interface that reaches MASTER_ADDR, only where gloo would otherwise fail.
+
+    gloo binds the address this host's name resolves to; where that is loopback (Debian's default /etc/hosts
+    maps the host name to 127.0.1.1), ranks on other nodes cannot connect. A GLOO_SOCKET_IFNAME already set
+    wins; a loopback MASTER_ADDR means every rank is on this host. Returns the interface set, if any.
+    """
+    env = os.environ if environ is None else environ
+    master = env.get("MASTER_ADDR")
+    if "GLOO_SOCKET_IFNAME" in env or not master or _resolves_to_loopback(master):
+        return None
+    if not _resolves_to_loopback(hostname or socket.gethostname()):
+        return None
+    env["GLOO_SOCKET_IFNAME"] = route_interface(master)
+    log.info("this host's name resolves to loopback: gloo uses %s, the interface that reaches %s",
+             env["GLOO_SOCKET_IFNAME"], master)
+    return env["GLOO_SOCKET_IFNAME"]
 
 
 def setup(env: DistEnv) -> torch.device:
@@ -69,6 +131,10 @@ def setup(env: DistEnv) -> torch.device:
         device = torch.device("cpu")
     if env.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "gloo":
+            pin_gloo_interface()
+        log.info("%s: rank %d of %d on %s, rendezvous %s:%s", backend, env.rank, env.world_size, socket.gethostname(),
+                 os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     return device
 
