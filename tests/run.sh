@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need on a fresh Debian machine (python3-venv and chromium from
 # Debian when run as root; a virtual environment with the project and its test extras; SLURM + munge through
-# slurm/local-cluster.sh), starts the single-node SLURM cluster, then runs pytest with any arguments given.
+# slurm/local-cluster.sh), starts a two-node SLURM cluster on this machine, then runs pytest with any arguments given.
 # GALAXYGEN_SETUP_ONLY=1 stops after the set-up (CI uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 if [ -x slurm/local-cluster.sh ] && [ "$(id -u)" = 0 ]; then
-    slurm/local-cluster.sh start || echo "could not start the local SLURM cluster: SLURM tests will be skipped" >&2
+    slurm/local-cluster.sh start --nodes 2 || echo "could not start the local SLURM cluster: SLURM tests will be skipped" >&2
 fi
 
 [ -n "${GALAXYGEN_SETUP_ONLY:-}" ] && exit 0
