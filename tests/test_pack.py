@@ -198,8 +198,9 @@ def test_kaggle_nested_end_to_end(tmp_path):
 
 
 def test_galaxy10_end_to_end_in_chunks_with_workers(tmp_path, monkeypatch):
-    monkeypatch.setattr(pack_module, "H5_CHUNK", 2)
+    monkeypatch.setattr(pack_module, "H5_CHUNK_BYTES", 2 * 256 * 256 * 3)  # chunks of two frames
     h5_path = make_galaxy10(tmp_path / "Galaxy10_DECals.h5", n=5, radius=40)
+    assert [task[1:] for task in pack_module.tasks_for(pack_module.open_source(h5_path))[0]] == [(0, 2), (2, 4), (4, 5)]
     out = pack(h5_path, tmp_path / "cache", fmt="galaxy10", size=64, workers=2)
     cache = Cache.open(out)
     cat = cache.catalog
@@ -550,6 +551,15 @@ def test_galaxy10_duplicate_frames_are_packed_once(tmp_path):
     out = pack(path, tmp_path / "cache", size=SIZE, workers=1)
     assert list(Cache.open(out).catalog["id"]) == ["g10-0", "g10-1", "g10-2"]
     assert manifest_of(out)["duplicates"] == {"g10-1": ["g10-3"]}
+
+
+def test_galaxy10_frames_too_large_are_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as h5:  # 2 x 6000 x 6000 x 3 declared, nothing written: a small file
+        h5.create_dataset("images", shape=(2, 6000, 6000, 3), dtype=np.uint8, chunks=(1, 500, 500, 3))
+        h5["ans"] = np.zeros(2, np.uint8)
+    with pytest.raises(ValueError, match="none of the 2 images .* too large: 6000x6000 is 36.0 megapixels"):
+        pack(path, tmp_path / "cache", workers=1)
 
 
 def png_header_only(path: Path, width: int, height: int, bits: int = 1) -> Path:

@@ -62,6 +62,7 @@ from galaxygen.splits import DEFAULT_FRACTIONS, check_fractions, split_of
 log = logging.getLogger(__name__)
 
 H5_CHUNK = 64
+H5_CHUNK_BYTES = 64 * 2**20  # at most this many bytes of frames read at once (fewer frames if they are large)
 META_COLUMNS = (*REQUIRED_COLUMNS, "src_width", "src_height", "note")
 
 _h5_handles: dict[str, object] = {}
@@ -181,7 +182,10 @@ def tasks_for(src: Source) -> tuple[list, bool]:
     """Work items for the decoders and whether each item yields a list (h5 chunks) or one result."""
     if src.is_h5:
         n = len(src)
-        return [(str(src.path), start, min(start + H5_CHUNK, n)) for start in range(0, n, H5_CHUNK)], True
+        height, width = src.extra["frame"]
+        chunk = max(1, min(H5_CHUNK, H5_CHUNK_BYTES // (height * width * 3)))
+        return [(str(src.path), start, min(start + chunk, n)) for start in range(0, n, chunk)
+                if not all(src.skip[start : start + chunk])], True  # all frames share a size: all or none
     return [(k, str(src.path / rel)) for k, rel in enumerate(src.files) if not src.skip[k]], False
 
 
@@ -242,7 +246,8 @@ def write_cache(src: Source, out: Path, options: dict, fp: str, workers: int | N
                 keep[index] = True
                 notes[index] = result.note
         if not keep.any():
-            reasons = "; ".join(f"{r} ({c}x)" for r, c in reason_counts(src.skip).most_common(3))
+            examples = {reason_kind(r): r for r in reversed(src.skip) if r}  # the first reason of each kind
+            reasons = "; ".join(f"{c}x {examples[kind]}" for kind, c in reason_counts(src.skip).most_common(3))
             raise ValueError(f"none of the {n} images in {src.path} could be packed: {reasons}")
         catalog = build_catalog(src, options["splits"], widths, heights, notes)[keep]
         manifest = build_manifest(src, options, fp, keep, catalog, duplicates)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from galaxygen.data.decode import EXTENSION_FORMATS
+from galaxygen.data.decode import EXTENSION_FORMATS, too_large
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def read_galaxy10(path: Path) -> Source:
         labels.insert(1, "class_name", labels["ans"].map(dict(enumerate(GALAXY10_CLASSES))))
     ids = [f"g10-{i}" for i in range(n)]
     files = [f"{h5_path.name}[{i}]" for i in range(n)]
-    return Source("galaxy10", h5_path, ids, files, labels, [""] * n, inputs=[h5_path],
+    return Source("galaxy10", h5_path, ids, files, labels, [too_large(width, height)] * n, inputs=[h5_path],
                   extra={"frame": [int(height), int(width)]})
 
 
