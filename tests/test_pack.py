@@ -50,19 +50,20 @@ def save(path: Path, frame: np.ndarray, **kwargs) -> Path:
     return path
 
 
-def png16(path: Path, values: np.ndarray) -> Path:
-    """Write a 16-bit PNG (greyscale (H, W) or RGB (H, W, 3)) by hand."""
-    height, width = values.shape[:2]
-    colour = 2 if values.ndim == 3 else 0
-    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)
-
+def png_by_hand(path: Path, width: int, height: int, bits: int, colour: int, compressed: bytes) -> Path:
+    """Write a PNG from its header fields and its compressed pixel data (IDAT)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compressed) + chunk(b"IEND", b""))
     return path
+
+
+def png16(path: Path, values: np.ndarray) -> Path:
+    """Write a 16-bit PNG (greyscale (H, W) or RGB (H, W, 3)) by hand."""
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)
+    return png_by_hand(path, values.shape[1], values.shape[0], 16, 2 if values.ndim == 3 else 0, zlib.compress(raw))
 
 
 def make_gz2(root: Path, ids: list[str] = GZ2_IDS) -> Path:
@@ -564,26 +565,14 @@ def test_galaxy10_frames_too_large_are_refused_before_reading(tmp_path):
 
 def png_header_only(path: Path, width: int, height: int, bits: int = 1) -> Path:
     """A PNG declaring width x height pixels, with an IDAT of zero rows (enough for the header to be read)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
-                     + chunk(b"IEND", b""))
-    return path
+    return png_by_hand(path, width, height, bits, 0, zlib.compress(b""))
 
 
 def png_bomb(path: Path, side: int = 13000) -> Path:
     """A real, complete 1-bit black PNG of side x side pixels: about 20 kB on disk, 169 MB decoded at 13,000 px."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     row = bytes(1 + (side + 7) // 8)
     z = zlib.compressobj(9)
-    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
-    return path
+    return png_by_hand(path, side, side, 1, 0, b"".join(z.compress(row) for _ in range(side)) + z.flush())
 
 
 def test_too_large_images_are_refused_from_the_header(tmp_path):
