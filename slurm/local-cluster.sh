@@ -140,13 +140,18 @@ start_network() {
 write_hosts() {
     local node block
     block=$(for node in $(node_names); do printf '%s\t%s\n' "$(node_addr "$node")" "$node"; done)
+    block=$(printf '%s\n%s\n%s' "$HOSTS_BEGIN" "$block" "$HOSTS_END")
+    [[ $(hosts_block) == "$block" ]] && return 0
     remove_hosts
-    printf '%s\n%s\n%s\n' "$HOSTS_BEGIN" "$block" "$HOSTS_END" >>/etc/hosts
+    printf '%s\n' "$block" >>/etc/hosts
 }
+
+hosts_block() { awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {on = 1} on {print} $0 == e {on = 0}' /etc/hosts; }
 
 remove_hosts() {
     # /etc/hosts may be a bind mount (containers): rewrite it in place, never replace the file
     local kept
+    grep -qxF "$HOSTS_BEGIN" /etc/hosts || return 0
     kept=$(awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' /etc/hosts)
     printf '%s\n' "$kept" >/etc/hosts
 }
