@@ -19,6 +19,8 @@
 # 10.77.0.1 is the controller's; /etc/hosts names every node, so `nodeK` resolves to its address on
 # every node and jobs talk to each other (e.g. DDP over gloo) over that network. The nodes have no
 # route beyond it. slurmctld runs in this machine's own namespaces, slurmd -N nodeK in node K's.
+# (Debian's build has MULTIPLE_SLURMD, so per-node ports on one address would also work; separate
+# addresses and host names are what a real cluster has, and they show a rank bound to loopback at once.)
 # Every node advertises all of this machine's CPUs (topology from `slurmd -C`) and RealMemory a bit
 # below MemTotal, so one job's shape does not depend on N.
 #
