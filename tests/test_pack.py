@@ -691,22 +691,50 @@ def test_symlink_loops_are_reported_and_the_walk_ends(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def run_and_kill(argv: list[str], out: Path) -> Path:
-    """Run `python -m galaxygen.data ARGV`, kill -9 it once it has written for a moment; its hidden temporary."""
-    proc = subprocess.Popen([sys.executable, "-m", "galaxygen.data", *argv], cwd=REPO,
+    """Run `python -m galaxygen.data ARGV` (2 workers), kill -9 it mid-run; its hidden temporary.
+
+    Its worker processes must end with it (they would go on writing into the temporary)."""
+    proc = subprocess.Popen([sys.executable, "-m", "galaxygen.data", *argv, "--workers", "2"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (temporaries := list(out.parent.glob(f".{out.name}.tmp-*"))):
+        while not (temporaries := list(out.parent.glob(f".{out.name}.tmp-*"))) or len(children_of(proc.pid)) < 2:
             assert proc.poll() is None, f"{argv[0]} ended before it wrote anything"
-            assert time.monotonic() < deadline, f"{argv[0]} wrote no temporary within 120 s"
+            assert time.monotonic() < deadline, f"{argv[0]} started no workers and wrote no temporary within 120 s"
             time.sleep(0.05)
         time.sleep(0.5)
-        assert proc.poll() is None, f"{argv[0]} finished before it could be killed"
+        workers = children_of(proc.pid)
+        assert proc.poll() is None and len(workers) == 2, f"{argv[0]} finished before it could be killed"
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 2
+    while any(running(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"the workers of a killed {argv[0]} are still running after 2 s"
+        time.sleep(0.05)
     return temporaries[0]
 
 
@@ -719,10 +747,10 @@ def test_a_killed_writer_leaves_no_temporary_behind_on_the_next_run(tmp_path, co
         first = save(src / "f000.png", np.zeros((2000, 2000, 3), np.uint8))
         for k in range(1, 150):
             os.link(first, src / f"f{k:03d}.png")
-        argv = ["pack", str(src), "--out", str(out), "--size", "16", "--workers", "1"]
+        argv = ["pack", str(src), "--out", str(out), "--size", "16"]
     else:
         layout = "gz2" if command == "synth-gz2" else "cache"
-        argv = ["synth", "--n", "3000", "--out", str(out), "--layout", layout, "--size", "16", "--workers", "1"]
+        argv = ["synth", "--n", "3000", "--out", str(out), "--layout", layout, "--size", "16"]
     stale = run_and_kill(argv, out)
     assert stale.is_dir() and any(stale.iterdir()) and not out.exists()
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -57,6 +56,7 @@ from galaxygen.data.decode import (
     decode_file,
 )
 from galaxygen.data.sources import Source, open_source, unreadable_reason
+from galaxygen.data.workers import pool as worker_pool
 from galaxygen.splits import DEFAULT_FRACTIONS, check_fractions, split_of
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def decode_all(
             close_h5()
         return
     chunksize = 1 if chunked else max(1, min(32, len(tasks) // (workers * 8)))
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         yield from flatten(pool.imap(fn, tasks, chunksize=chunksize), chunked)
 
 

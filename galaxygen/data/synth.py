@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from galaxygen.data.synth_model import (
     sample_galaxy,
 )
 from galaxygen.data.synth_render import render, to_rgb
+from galaxygen.data.workers import pool as worker_pool
 from galaxygen.splits import DEFAULT_FRACTIONS, check_fractions
 
 __all__ = ["synthesize", "render_cache_image", "render_gz2_image", "sample_galaxy", "preview_grid", "LAYOUTS"]
@@ -89,7 +89,7 @@ def run_tasks(tasks: list[tuple], workers: int, total: int) -> Iterator[tuple[in
                 bar.update(len(result[2]))
                 yield result
             return
-        with multiprocessing.get_context().Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             for result in pool.imap_unordered(render_range, tasks):
                 bar.update(len(result[2]))
                 yield result
