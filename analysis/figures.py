@@ -32,6 +32,7 @@ from analysis.tables import (
 )
 from galaxygen.cli import positive
 from galaxygen.data.loader import to_float
+from galaxygen.results import ResultsStore
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,11 @@ def measured_concentration(images: np.ndarray, key: str) -> np.ndarray:
 
 def data_path(value) -> Path:
     """The cache a trial trained on: its config's `data`, or the built-in synthetic cache (never rendered here)."""
-    if isinstance(value, str) and value:
-        return Path(value)
-    from galaxygen.data import default_cache
+    from galaxygen.data import Cache, resolve_cache
 
-    path = default_cache(create=False)
-    if not (path / "manifest.json").is_file():
+    data = value if isinstance(value, str) else None
+    path = resolve_cache(data, create=False)
+    if not data and not Cache.exists(path):
         raise AnalysisError(f"the default synthetic cache {path} has not been rendered")
     return path
 
@@ -403,7 +403,7 @@ def baseline_table(data: SweepData) -> dict[str, pd.DataFrame]:
 def build(sweep_dir: Path, out: Path | None = None, *, n_latent: int = N_LATENT, statmorph: bool = False) -> Path:
     """Rebuild the figures, table and report.html of RESULTS/SWEEP into `out` (default RESULTS/SWEEP/report)."""
     data = load_sweep(sweep_dir)
-    out = Path(out) if out is not None else Path(sweep_dir) / "report"
+    out = Path(out) if out is not None else ResultsStore.from_dir(sweep_dir).report_dir()
     return render(data, out, str(Path(sweep_dir).resolve()), n_latent=n_latent, statmorph=statmorph)
 
 

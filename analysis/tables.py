@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from galaxygen.config import TrainConfig
-from galaxygen.results import METRIC_SCHEMA, load
+from galaxygen.results import METRIC_SCHEMA, ResultsStore, load
 
 CONFIG_KEYS = TrainConfig.keys()
 METRIC_COLUMNS = list(METRIC_SCHEMA.names)
@@ -59,12 +59,12 @@ class SweepData:
 
 
 def is_sweep_dir(path: Path) -> bool:
-    return (path / "trials").is_dir() or (path / "sweep.json").is_file()
+    return ResultsStore.from_dir(path).is_sweep()
 
 
 def read_sweep_meta(sweep_dir: Path) -> dict:
     """The sweep's own metadata (sweep.json) or {} when it is absent or unreadable."""
-    path = sweep_dir / "sweep.json"
+    path = ResultsStore.from_dir(sweep_dir).meta_path()
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -147,10 +147,10 @@ def sort_key(value):
 
 def checkpoint_of(sweep_dir: Path, trial_id: str) -> str | None:
     """The trial's best checkpoint, else its last one, else None."""
-    folder = sweep_dir / "runs" / str(trial_id) / "checkpoints"
-    for name in ("best.pt", "last.pt"):
-        if (folder / name).is_file():
-            return str(folder / name)
+    store = ResultsStore.from_dir(sweep_dir)
+    for kind in ("best", "last"):
+        if store.checkpoint(str(trial_id), kind).is_file():
+            return str(store.checkpoint(str(trial_id), kind))
     return None
 
 

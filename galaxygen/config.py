@@ -6,9 +6,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 RECON_LOSSES = ("bce", "l1", "mse")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 
 class ConfigError(ValueError):
@@ -50,7 +52,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from galaxygen.models import MODELS
 
-        def bad(key: str, allowed: str) -> None:
+        def bad(key: str, allowed: str) -> NoReturn:
             raise ConfigError(f"invalid config {key}={getattr(self, key)!r}: allowed {allowed}")
 
         if self.model not in MODELS:
@@ -131,22 +133,38 @@ def coerce(key: str, value: Any) -> Any:
         if typ is str:
             return ""
     try:
-        if typ is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if typ is int:
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
-        return typ(value)
-    except (TypeError, ValueError):
+        return parse_value(typ, value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"invalid config {key}={value!r}: expected {typ.__name__}") from None
+
+
+def parse_value(typ: type, value: Any) -> Any:
+    """`value` (often a command-line or profile string) as a bool, int, float or str; ValueError if it is not one.
+
+    The one value coercion of the project (config keys and SLURM options): booleans are 1/true/yes/on or
+    0/false/no/off in any case, integers may be written as floats without a fraction (1e3)."""
+    if typ is bool:
+        if isinstance(value, str):
+            if value.lower() in TRUE_WORDS:
+                return True
+            if value.lower() in FALSE_WORDS:
+                return False
+            raise ValueError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+        if value in (0, 1):  # also numpy's bools and integers
+            return bool(value)
+        raise ValueError("expected a boolean")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        as_float = float(value)
+        if not as_float.is_integer():
+            raise ValueError("expected an integer")
+        return int(as_float) if abs(as_float) < 2**53 else int(value)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value)
+    return typ(value)
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

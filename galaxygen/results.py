@@ -1,13 +1,30 @@
-"""The Parquet results store of a sweep.
+"""The Parquet results store of a sweep, and the one owner of a sweep's on-disk layout.
 
-Layout under RESULTS/SWEEP/:
+Layout under RESULTS/SWEEP/ (every path comes from a `ResultsStore` method; nothing else spells these names):
 
-    trials/<trial_id>.parquet          one row: trial_id, sweep, config_hash, the flattened config,
-                                       status, error, job_id, start_time, end_time, epochs_done
-    metrics/<trial_id>/<part>.parquet  long format: sweep, trial_id, step, epoch, split, metric, value, wall_time
-                                       (part = epoch-00003 for epoch 3, or eval); rewriting a part replaces it,
-                                       so a resumed epoch never duplicates rows
-    runs/<trial_id>/                   config.json, checkpoints/, tb/ (TensorBoard events), logs
+    sweep.json                         the launcher's record of the sweep            meta_path()
+    trials/<trial_id>.parquet          one row: trial_id, sweep, config_hash, the    trials_dir(), trial_path(t)
+                                       flattened config, status, error, job_id,
+                                       start_time, end_time, epochs_done
+    metrics/<trial_id>/<part>.parquet  long format: sweep, trial_id, step, epoch,    metrics_dir(t), part_path(t, part),
+                                       split, metric, value, wall_time               epoch_part(e), EVAL_PART
+                                       (part epoch-00003 holds epoch 3, part eval    epochs(t), read_epoch(t, e)
+                                       the end-of-run evaluation); rewriting a part
+                                       replaces it, so a resumed epoch never
+                                       duplicates rows
+    runs/<trial_id>/                   config.json, checkpoints/{best,last}.pt, tb/  run_dir(t), config_path(t),
+                                                                                     checkpoint(t, "best"|"last"), tb_dir(t)
+    slurm_logs/<trial_id>/             the SLURM backend's job records and logs      slurm_dir(t)
+    code/<hash>/                       code snapshots the SLURM jobs import          code_dir()
+    report/                            figures and report.html                       report_dir()
+    ray/                               Ray Tune's own state                          ray_dir()
+
+Writers: write_trial, write_metrics (a named part), write_epoch, write_eval, clear_metrics.
+Readers: read_trial, trials, metrics, epochs, read_epoch, load(); bad_parts() lists unreadable files.
+
+Readers read only what the store wrote: names that are not the store's own (notes, editor backups,
+`epoch-00003 (copy).parquet`) are skipped with one warning each, and a truncated or garbage Parquet file
+is reported once (naming it) and skipped, so one bad file never breaks a reader.
 
 Every file is written to a hidden temporary name and renamed into place, so readers (pandas,
 pyarrow.dataset, duckdb) never see a partial file, and a killed writer leaves only a hidden
@@ -17,16 +34,21 @@ temporary that readers ignore. One writer per trial (rank 0).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 METRIC_SCHEMA = pa.schema(
     [
@@ -41,6 +63,84 @@ METRIC_SCHEMA = pa.schema(
     ]
 )
 STATUSES = ("pending", "running", "completed", "failed", "stopped")
+
+# the names of the layout: renaming a file pattern is a one-line change here
+PARQUET = ".parquet"
+EPOCH_PREFIX = "epoch-"  # metrics part of epoch e: epoch-00003
+EPOCH_DIGITS = 5
+EVAL_PART = "eval"  # metrics part of the end-of-run evaluation
+CHECKPOINTS = ("best", "last")  # runs/<trial_id>/checkpoints/<kind>.pt
+TRIAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+EPOCH_NAME = re.compile(rf"^{re.escape(EPOCH_PREFIX)}(\d{{{EPOCH_DIGITS},}})$")
+
+
+class StoreError(ValueError):
+    """A results folder or trial id this store cannot use; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True, order=True)
+class BadPart:
+    """A store file that cannot be read: its path, what is wrong, and which trial and part it is."""
+
+    path: Path
+    reason: str
+    trial_id: str
+    part: str  # "trial" for a trials/ row, else the metrics part name (epoch-00003, eval)
+
+    @property
+    def epoch(self) -> int | None:
+        m = EPOCH_NAME.match(self.part)
+        return int(m.group(1)) if m else None
+
+
+_reported: set[tuple[str, int, int]] = set()  # (path, mtime, size) of files already warned about
+
+
+def warn_once(path: Path, message: str) -> None:
+    """Log one warning per file version (a rewritten file is judged again)."""
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (str(path), 0, 0)
+    if key not in _reported:
+        _reported.add(key)
+        log.warning("%s: %s", path, message)
+
+
+def epoch_part(epoch: int) -> str:
+    """The metrics part name of an epoch (epoch-00003)."""
+    return f"{EPOCH_PREFIX}{int(epoch):0{EPOCH_DIGITS}d}"
+
+
+def is_part_name(name: str) -> bool:
+    """True for the metrics part names the store writes (without the extension)."""
+    return name == EVAL_PART or EPOCH_NAME.match(name) is not None
+
+
+def check_trial_id(trial_id: str) -> str:
+    """A trial id is a file name: letters, digits and ._+- only, so it can never leave its folder."""
+    if not isinstance(trial_id, str) or not TRIAL_ID.match(trial_id):
+        raise StoreError(f"invalid trial id {trial_id!r}: allowed 1-128 letters, digits, '.', '_', '+' or '-', "
+                         "starting with a letter or digit")
+    return trial_id
+
+
+def run_checkpoint(run_dir: str | os.PathLike, kind: str = "best") -> Path:
+    """The best or last checkpoint file of a run folder (RESULTS/SWEEP/runs/<trial_id>)."""
+    if kind not in CHECKPOINTS:
+        raise ValueError(f"checkpoint kind must be one of {CHECKPOINTS}, got {kind!r}")
+    return Path(run_dir) / "checkpoints" / f"{kind}.pt"
+
+
+def locate(path: str | os.PathLike) -> tuple[ResultsStore, str] | None:
+    """The store and trial id of a path inside a run folder (RESULTS/SWEEP/runs/<trial_id>/...), or None."""
+    parts = Path(path).resolve().parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "runs" and TRIAL_ID.match(parts[i + 1]):
+            sweep_dir = Path(*parts[:i])
+            return ResultsStore(sweep_dir.parent, sweep_dir.name), parts[i + 1]
+    return None
 
 
 @contextmanager
@@ -81,19 +181,80 @@ def atomic_write_json(obj, path: Path) -> None:
 
 
 class ResultsStore:
-    """The results of one sweep: RESULTS/SWEEP."""
+    """The results of one sweep: RESULTS/SWEEP, and every path in it."""
 
     def __init__(self, root: str | os.PathLike, sweep: str):
         self.root = Path(root)
         self.sweep = sweep
         self.dir = self.root / sweep
+        self._bad: dict[Path, BadPart] = {}
 
-    def run_dir(self, trial_id: str) -> Path:
-        return self.dir / "runs" / trial_id
+    @classmethod
+    def from_dir(cls, sweep_dir: str | os.PathLike) -> ResultsStore:
+        """The store of a sweep folder RESULTS/SWEEP."""
+        sweep_dir = Path(sweep_dir).resolve()
+        return cls(sweep_dir.parent, sweep_dir.name)
+
+    def is_sweep(self) -> bool:
+        """True when the folder holds a sweep this store wrote (a trials/ folder or sweep.json)."""
+        return self.trials_dir().is_dir() or self.meta_path().is_file()
+
+    # -- paths ----------------------------------------------------------------------------------------------
+    def meta_path(self) -> Path:
+        return self.dir / "sweep.json"
+
+    def trials_dir(self) -> Path:
+        return self.dir / "trials"
 
     def trial_path(self, trial_id: str) -> Path:
-        return self.dir / "trials" / f"{trial_id}.parquet"
+        return self.trials_dir() / f"{check_trial_id(trial_id)}{PARQUET}"
 
+    def metrics_root(self) -> Path:
+        return self.dir / "metrics"
+
+    def metrics_dir(self, trial_id: str) -> Path:
+        return self.metrics_root() / check_trial_id(trial_id)
+
+    def part_path(self, trial_id: str, part: str) -> Path:
+        if not is_part_name(part):
+            raise ValueError(f"metrics part must be {EVAL_PART!r} or {epoch_part(1)!r}-like, got {part!r}")
+        return self.metrics_dir(trial_id) / f"{part}{PARQUET}"
+
+    def epoch_path(self, trial_id: str, epoch: int) -> Path:
+        return self.part_path(trial_id, epoch_part(epoch))
+
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
+
+    def run_dir(self, trial_id: str) -> Path:
+        return self.runs_dir() / check_trial_id(trial_id)
+
+    def config_path(self, trial_id: str) -> Path:
+        return self.run_dir(trial_id) / "config.json"
+
+    def checkpoint(self, trial_id: str, kind: str = "last") -> Path:
+        """runs/<trial_id>/checkpoints/{best,last}.pt"""
+        return run_checkpoint(self.run_dir(trial_id), kind)
+
+    def tb_dir(self, trial_id: str) -> Path:
+        return self.run_dir(trial_id) / "tb"
+
+    def slurm_root(self) -> Path:
+        return self.dir / "slurm_logs"
+
+    def slurm_dir(self, trial_id: str) -> Path:
+        return self.slurm_root() / check_trial_id(trial_id)
+
+    def code_dir(self) -> Path:
+        return self.dir / "code"
+
+    def report_dir(self) -> Path:
+        return self.dir / "report"
+
+    def ray_dir(self) -> Path:
+        return self.dir / "ray"
+
+    # -- writing --------------------------------------------------------------------------------------------
     def write_trial(self, trial_id: str, **fields) -> dict:
         """Create or update a trial's row (fields are merged into the existing row)."""
         row = self.read_trial(trial_id) or {"trial_id": trial_id, "sweep": self.sweep, "error": None, "job_id": None}
@@ -104,12 +265,6 @@ class ResultsStore:
         atomic_write_parquet(pd.DataFrame([row]), self.trial_path(trial_id))
         return row
 
-    def read_trial(self, trial_id: str) -> dict | None:
-        path = self.trial_path(trial_id)
-        if not path.exists():
-            return None
-        return pd.read_parquet(path).iloc[0].to_dict()
-
     def write_metrics(self, trial_id: str, part: str, rows: list[dict]) -> None:
         """Write (or replace) one part of a trial's metrics: rows of step, epoch, split, metric, value, wall_time."""
         data = {name: [] for name in METRIC_SCHEMA.names}
@@ -118,26 +273,128 @@ class ResultsStore:
             for name in METRIC_SCHEMA.names:
                 data[name].append(full.get(name))
         table = pa.Table.from_pydict(data, schema=METRIC_SCHEMA)
-        atomic_write_parquet(table, self.dir / "metrics" / trial_id / f"{part}.parquet")
+        atomic_write_parquet(table, self.part_path(trial_id, part))
+
+    def write_epoch(self, trial_id: str, epoch: int, rows: list[dict]) -> None:
+        """Write (or replace) the metrics of one epoch."""
+        self.write_metrics(trial_id, epoch_part(epoch), rows)
+
+    def write_eval(self, trial_id: str, rows: list[dict]) -> None:
+        """Write (or replace) the metrics of the end-of-run evaluation."""
+        self.write_metrics(trial_id, EVAL_PART, rows)
 
     def clear_metrics(self, trial_id: str, after_epoch: int) -> None:
         """Remove epoch parts beyond `after_epoch` (used when a trial restarts from an older checkpoint)."""
-        folder = self.dir / "metrics" / trial_id
-        for path in folder.glob("epoch-*.parquet"):
-            if int(path.stem.split("-")[1]) > after_epoch:
-                path.unlink(missing_ok=True)
+        for epoch in self.epochs(trial_id):
+            if epoch > after_epoch:
+                self.epoch_path(trial_id, epoch).unlink(missing_ok=True)
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def _entries(self, folder: Path, accept) -> list[Path]:
+        """The store's own entries of a folder (`accept(path)` decides), sorted; warns once about strays.
+
+        Hidden names are writers' temporaries (see atomic_path) and are skipped silently."""
+        if not folder.is_dir():
+            return []
+        out = []
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if accept(path):
+                out.append(path)
+            else:
+                warn_once(path, "ignored: not a file the results store writes (a stray file or copy?)")
+        return out
+
+    def trial_ids(self) -> list[str]:
+        """Trials with a row (trials/<id>.parquet) or metrics (metrics/<id>/), sorted."""
+        rows = self._entries(self.trials_dir(), lambda p: p.suffix == PARQUET and bool(TRIAL_ID.match(p.stem))
+                             and p.is_file())
+        folders = self._entries(self.metrics_root(), lambda p: p.is_dir() and bool(TRIAL_ID.match(p.name)))
+        return sorted({p.stem for p in rows} | {p.name for p in folders})
+
+    def _bad_file(self, path: Path, reason: str, trial_id: str, part: str) -> None:
+        self._bad[path] = BadPart(path, reason, trial_id, part)
+        warn_once(path, f"skipped: {reason}")
+
+    def _read_table(self, path: Path, trial_id: str, part: str) -> pa.Table | None:
+        try:
+            return pq.read_table(path)
+        except FileNotFoundError:
+            return None  # removed since it was listed (a rewrite or clear_metrics): not an error
+        except (pa.ArrowException, OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self._bad_file(path, f"not a readable Parquet file ({first})", trial_id, part)
+            return None
+
+    def read_trial(self, trial_id: str) -> dict | None:
+        path = self.trial_path(trial_id)
+        if not path.exists():
+            return None
+        table = self._read_table(path, trial_id, "trial")
+        if table is None:
+            return None
+        if table.num_rows != 1 or "trial_id" not in table.column_names or table["trial_id"][0].as_py() != trial_id:
+            self._bad_file(path, f"not the row of trial {trial_id} ({table.num_rows} rows)", trial_id, "trial")
+            return None
+        return table.to_pandas().iloc[0].to_dict()
 
     def trials(self) -> pd.DataFrame:
-        files = sorted((self.dir / "trials").glob("[!.]*.parquet"))
-        if not files:
+        """One row per trial (trials whose row is unreadable are left out, with a warning)."""
+        rows = [row for tid in self.trial_ids() if (row := self.read_trial(tid)) is not None]
+        if not rows:
             return pd.DataFrame(columns=["trial_id", "sweep", "status"])
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        return pd.DataFrame(rows)
+
+    def part_files(self, trial_id: str | None = None) -> list[tuple[str, str, Path]]:
+        """(trial_id, part, path) of every metrics part the store wrote, of one trial or all."""
+        ids = [check_trial_id(trial_id)] if trial_id else self.trial_ids()
+        out = []
+        for tid in ids:
+            accept = (lambda p: p.suffix == PARQUET and is_part_name(p.stem) and p.is_file())
+            out += [(tid, p.stem, p) for p in self._entries(self.metrics_root() / tid, accept)]
+        return out
+
+    def epochs(self, trial_id: str) -> list[int]:
+        """The epochs with a metrics part on disk, sorted."""
+        return sorted(int(m.group(1)) for _, part, _ in self.part_files(trial_id) if (m := EPOCH_NAME.match(part)))
+
+    def read_epoch(self, trial_id: str, epoch: int) -> pd.DataFrame:
+        """The rows of one epoch's part (empty when it is missing or unreadable)."""
+        table = self._read_table(self.epoch_path(trial_id, epoch), trial_id, epoch_part(epoch))
+        return self._as_metrics(table, self.epoch_path(trial_id, epoch), trial_id, epoch_part(epoch))
+
+    def _as_metrics(self, table: pa.Table | None, path: Path, trial_id: str, part: str) -> pd.DataFrame:
+        if table is not None and table.schema.names != METRIC_SCHEMA.names:
+            self._bad_file(path, f"columns {table.schema.names} are not the metrics schema", trial_id, part)
+            table = None
+        if table is None:
+            return METRIC_SCHEMA.empty_table().to_pandas()
+        return table.cast(METRIC_SCHEMA).to_pandas()
 
     def metrics(self, trial_id: str | None = None) -> pd.DataFrame:
-        folder = self.dir / "metrics" / (trial_id or "")
-        if not folder.exists() or not any(folder.rglob("[!.]*.parquet")):
+        """The metrics rows of one trial or all; unreadable parts are left out, with one warning each."""
+        files = self.part_files(trial_id)
+        if not files:
             return METRIC_SCHEMA.empty_table().to_pandas()
-        return ds.dataset(folder, format="parquet", schema=METRIC_SCHEMA).to_table().to_pandas()
+        try:  # one dataset over exactly the store's files (fast); on any error, file by file to find the bad ones
+            return ds.dataset([str(p) for _, _, p in files], format="parquet", schema=METRIC_SCHEMA).to_table().to_pandas()
+        except (pa.ArrowException, OSError, ValueError):
+            pass
+        frames = [self._as_metrics(self._read_table(p, tid, part), p, tid, part) for tid, part, p in files]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return METRIC_SCHEMA.empty_table().to_pandas()
+        return pd.concat(frames, ignore_index=True)
+
+    def bad_parts(self) -> list[BadPart]:
+        """Every trial row and metrics part that cannot be read (truncated, garbage, wrong columns), sorted."""
+        self._bad = {}
+        for tid in self.trial_ids():
+            self.read_trial(tid)
+        for tid, part, path in self.part_files():
+            self._as_metrics(self._read_table(path, tid, part), path, tid, part)
+        return sorted(self._bad.values())
 
 
 def load(results_dir: str | os.PathLike, sweep: str) -> tuple[pd.DataFrame, pd.DataFrame]:

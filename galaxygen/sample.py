@@ -21,8 +21,9 @@ from torchvision.utils import make_grid, save_image
 
 from galaxygen.checkpoint import load_model
 from galaxygen.cli import positive
-from galaxygen.data import Cache, CacheError, default_cache
+from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import to_float
+from galaxygen.results import run_checkpoint
 from galaxygen.splits import SPLITS
 
 
@@ -34,7 +35,8 @@ def checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or the best checkpoint of a run folder."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
+        best = run_checkpoint(path, "best")
+        path = best if best.parent.is_dir() else path / best.name
     if not path.is_file():
         raise SampleError(f"no checkpoint at {path}: give a .pt file or a run folder (RESULTS/SWEEP/runs/ID)")
     return path
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         model, config = load_model(checkpoint_path(args.checkpoint))
         if args.reconstruct:
             cols = args.cols or min(8, args.n)
-            data = args.data or config.data or default_cache()
+            data = resolve_cache(args.data or config.data)
             grid = reconstruction_grid(model, held_out_inputs(data, args.split, args.n, config.image_size), cols)
         else:
             cols = args.cols or math.ceil(math.sqrt(args.n))

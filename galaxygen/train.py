@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from galaxygen import checkpoint, distributed
 from galaxygen.config import ConfigError, TrainConfig, parse_assignments
-from galaxygen.data import Cache, CacheError, default_cache
+from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
 from galaxygen.losses import elbo_loss, warmup_factor
 from galaxygen.models import build_model, memory_format
@@ -36,6 +36,7 @@ from galaxygen.results import ResultsStore, atomic_write_json, epoch_report
 
 log = logging.getLogger(__name__)
 
+SINGLE_RUNS = "train"  # the results group of runs started by this command (OUT/train/runs/<id>)
 HELD_OUT_PROBE = 32  # images in the fixed held-out batch scored every `log_every` steps
 GRID = 32  # samples in the prior grid logged to TensorBoard
 
@@ -183,7 +184,7 @@ def open_data(config: TrainConfig, world_size: int = 1, in_memory: bool | None =
     except ValueError as err:
         raise ConfigError(f"invalid config image_size={config.image_size}: allowed are the sizes {config.model} "
                           f"can take ({err})") from None
-    cache = cache or Cache.open(config.data or default_cache(), in_memory=in_memory)
+    cache = cache or Cache.open(resolve_cache(config.data), in_memory=in_memory)
     if cache.size != config.image_size:
         raise ConfigError(f"invalid config image_size={config.image_size}: the cache {cache.path} holds "
                           f"{cache.size} px images")
@@ -205,7 +206,6 @@ class Trainer:
                  device: torch.device):
         self.config, self.store, self.trial_id, self.env, self.device = config, store, trial_id, env, device
         self.run_dir = store.run_dir(trial_id)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         data = open_data(config, env.world_size)
         self.cache, train_idx, val_idx = data.cache, data.train, data.val
         seed_everything(config.seed)
@@ -233,7 +233,7 @@ class Trainer:
                 "rng": checkpoint.rng_state(), "trial_id": self.trial_id}
 
     def restore(self) -> bool:
-        path = self.ckpt_dir / "last.pt"
+        path = self.store.checkpoint(self.trial_id, "last")
         if not path.exists():
             return False
         state = checkpoint.load(path, self.device)
@@ -248,7 +248,7 @@ class Trainer:
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         checkpoint.set_rng_state(state["rng"])
         if self.env.is_main and state.get("epoch_rows"):
-            self.store.write_metrics(self.trial_id, f"epoch-{self.epoch:05d}", state["epoch_rows"])
+            self.store.write_epoch(self.trial_id, self.epoch, state["epoch_rows"])
         log.info("resumed %s from epoch %d", self.trial_id, self.epoch)
         return True
 
@@ -258,14 +258,14 @@ class Trainer:
         main = self.env.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.config.to_dict(), self.run_dir / "config.json")
+            atomic_write_json(self.config.to_dict(), self.store.config_path(self.trial_id))
             self.store.clear_metrics(self.trial_id, after_epoch=self.epoch)
             self.store.write_trial(self.trial_id, status="running", error=None, job_id=os.environ.get("SLURM_JOB_ID"),
                                    config_hash=self.config.signature(), **self.config.to_dict(),
                                    start_time=time.time(), epochs_done=self.epoch)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.run_dir / "tb", purge_step=self.step if resumed else None)
+            self.writer = SummaryWriter(self.store.tb_dir(self.trial_id), purge_step=self.step if resumed else None)
         summary: dict = {}
         while self.epoch < self.config.epochs:
             rows = self.train_epoch()
@@ -279,10 +279,11 @@ class Trainer:
                 improved = val < self.best or isinstance(self.objective, GANObjective)
                 self.best = min(self.best, val)
                 # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing
-                checkpoint.save(self.ckpt_dir / "last.pt", **self.state(), epoch_rows=rows)
-                if improved or not (self.ckpt_dir / "best.pt").exists():
-                    checkpoint.save(self.ckpt_dir / "best.pt", **self.state())
-                self.store.write_metrics(self.trial_id, f"epoch-{self.epoch:05d}", rows)
+                checkpoint.save(self.store.checkpoint(self.trial_id, "last"), **self.state(), epoch_rows=rows)
+                best = self.store.checkpoint(self.trial_id, "best")
+                if improved or not best.exists():
+                    checkpoint.save(best, **self.state())
+                self.store.write_epoch(self.trial_id, self.epoch, rows)
                 self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_val_loss=self.best)
                 if report is not None:
                     report(summary)
@@ -312,7 +313,7 @@ class Trainer:
             log.exception("evaluation of %s failed", self.trial_id)
             self.store.write_trial(self.trial_id, status="running", error=f"evaluation failed: {type(err).__name__}: {err}")
             return
-        self.store.write_metrics(self.trial_id, "eval", metric_rows(metrics, baselines, self.step, self.epoch))
+        self.store.write_eval(self.trial_id, metric_rows(metrics, baselines, self.step, self.epoch))
         for key, value in metrics.items():
             self.writer.add_scalar(f"eval/{key}", value, self.epoch)
 
@@ -414,7 +415,7 @@ def hparams(config: TrainConfig) -> dict:
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in config.to_dict().items()}
 
 
-def run(config: TrainConfig, results: str | os.PathLike, sweep: str = "runs", trial_id: str | None = None,
+def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUNS, trial_id: str | None = None,
         report: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume, or skip if already completed) one run; returns its final per-epoch report."""
     config = config.resolved()
@@ -449,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default cnn, the report's Table III)")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--out", default="results", help="results folder (default ./results)")
-    p.add_argument("--sweep", default="runs", help="group name under --out (default runs)")
+    p.add_argument("--sweep", default=SINGLE_RUNS, help=f"group name under --out (default {SINGLE_RUNS}: a run's "
+                   f"folder is OUT/{SINGLE_RUNS}/runs/ID)")
     p.add_argument("--trial-id", help="run id (default: a hash of the config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, repeatable; keys: " + ", ".join(TrainConfig.keys()))

@@ -85,15 +85,16 @@ def resolve_sweep(args) -> tuple[spaces.Sweep, dict]:
     base["epochs"] = args.epochs
     if args.model:
         base["model"] = args.model
-    if args.data:
-        if not (Path(args.data) / "manifest.json").exists():
-            raise ConfigError(f"--data {args.data} is not a galaxygen cache (no manifest.json); make one with "
-                              "`python -m galaxygen.data pack` or `synth`")
-        base["data"] = str(Path(args.data).resolve())
-    else:  # the built-in synthetic galaxies' path, so trial ids are final; rendered only when the sweep runs
-        from galaxygen.data import default_cache
+    from galaxygen.data import Cache, CacheError, resolve_cache
 
-        base["data"] = str(default_cache(create=False))
+    if args.data:
+        try:
+            Cache.require(args.data)
+        except CacheError as err:
+            raise ConfigError(f"--data {err}") from None
+    # the cache's path (the built-in synthetic galaxies' without --data), so trial ids are final; rendered only
+    # when the sweep runs
+    base["data"] = str(resolve_cache(args.data, create=False).resolve())
     base.setdefault("eval_n", args.eval_n)
     TrainConfig.from_dict(base)
     return sweep, base
@@ -150,7 +151,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm
     store.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"name": sweep.name, "description": sweep.description, "varies": sweep.varies,
                        "base": base, "trials": trial_ids,
-                       "command": sys.argv, "started": time.time()}, store.dir / "sweep.json")
+                       "command": sys.argv, "started": time.time()}, store.meta_path())
     backend = args.backend
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, num_gpus=0 if backend == "slurm" else None, include_dashboard=False,
@@ -175,7 +176,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm
             search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=concurrent),
             trial_dirname_creator=lambda t: f"{t.trial_id}",
         ),
-        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(store.dir / "ray"),
+        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(store.ray_dir()),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                   callbacks=[progress_callback(sweep.varies)]),
     )
@@ -254,11 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         for trial_id, c in zip(trial_ids, configs):
             print(trial_id, json.dumps({k: getattr(c, k) for k in sweep.varies}))
         return 0
-    if not (Path(base["data"]) / "manifest.json").exists():
-        from galaxygen.data import default_cache
+    from galaxygen.data import Cache, CacheError, resolve_cache
 
-        default_cache()
-    from galaxygen.data import Cache, CacheError
+    if not args.data:
+        resolve_cache(None)  # render the built-in synthetic galaxies (once)
     from galaxygen.train import open_data
 
     try:  # every trial's inputs against the data (image size, split sizes, model), before Ray starts
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nreport: {build(store.dir)}")
             except Exception as err:  # figures must never cost a finished sweep its exit status
                 log.warning("could not build the figures: %s", err)
-    print(f"results: {store.dir}  (TensorBoard: tensorboard --logdir {store.dir / 'runs'} --host 127.0.0.1)")
+    print(f"results: {store.dir}  (TensorBoard: tensorboard --logdir {store.runs_dir()} --host 127.0.0.1)")
     if failed:
         print(f"{failed} trial(s) failed", file=sys.stderr)
     return min(failed, 100)

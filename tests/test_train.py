@@ -108,7 +108,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, blob_cache):
     assert straight.returncode == 0, straight.stderr[-2000:]
     proc = subprocess.Popen([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path / "b"), *cfg],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "b" / "runs" / "runs" / "t1" / "checkpoints" / "last.pt"
+    last = tmp_path / "b" / "train" / "runs" / "t1" / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -118,8 +118,8 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, blob_cache):
     resumed = subprocess.run([sys.executable, "-m", "galaxygen.train", "--out", str(tmp_path / "b"), *cfg],
                              capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = ResultsStore(tmp_path / "a", "runs").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
-    b = ResultsStore(tmp_path / "b", "runs").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
+    a = ResultsStore(tmp_path / "a", "train").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
+    b = ResultsStore(tmp_path / "b", "train").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
     keep = ~a.metric.isin(["images_per_s", "epoch_time_s"])
     assert len(a) == len(b) and not b.duplicated(["epoch", "step", "split", "metric"]).any()
     np.testing.assert_allclose(a[keep].value.to_numpy(), b[~b.metric.isin(["images_per_s", "epoch_time_s"])].value.to_numpy(),

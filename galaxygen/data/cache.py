@@ -47,10 +47,7 @@ class Cache:
     @classmethod
     def open(cls, path: str | os.PathLike, in_memory: bool | None = None) -> Cache:
         """Open a cache; in_memory=None loads it into RAM when it is smaller than 4 GiB."""
-        path = Path(path)
-        for name in (IMAGES, CATALOG, MANIFEST):
-            if not (path / name).is_file():
-                raise CacheError(f"{path} is not a galaxygen cache: {name} is missing (make one with `python -m galaxygen.data pack` or `synth`)")
+        path = cls.require(path)
         images = np.load(path / IMAGES, mmap_mode="r")
         if in_memory is None:
             in_memory = images.nbytes <= IN_MEMORY_LIMIT_BYTES
@@ -67,6 +64,21 @@ class Cache:
         if missing:
             raise CacheError(f"{path / CATALOG} lacks column(s) {missing}")
         return cls(path, images, catalog, manifest)
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """True when `path` holds a finished cache (the manifest is written last)."""
+        return (Path(path) / MANIFEST).is_file()
+
+    @staticmethod
+    def require(path: str | os.PathLike) -> Path:
+        """`path` as a Path if it has every file of a cache, else one CacheError naming what is missing."""
+        path = Path(path)
+        for name in (IMAGES, CATALOG, MANIFEST):
+            if not (path / name).is_file():
+                raise CacheError(f"{path} is not a galaxygen cache: {name} is missing (make one with "
+                                 "`python -m galaxygen.data pack` or `synth`)")
+        return path
 
     @property
     def size(self) -> int:
@@ -85,7 +97,7 @@ class CacheWriter:
 
     def __init__(self, out: str | os.PathLike, n: int, size: int):
         self.out = Path(out)
-        if self.out.exists() and any(self.out.iterdir()) and not (self.out / MANIFEST).exists():
+        if self.out.exists() and any(self.out.iterdir()) and not self.exists(self.out):
             raise CacheError(f"{self.out} exists and is not a galaxygen cache: refusing to replace it (choose another --out)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(self.out)

@@ -50,13 +50,11 @@ def direction(metric: str) -> str:
 
 def open_cache(cache=None, config=None):
     """A Cache from a Cache, a path, the config's `data`, or the built-in synthetic galaxies."""
-    from galaxygen.data import Cache, default_cache
+    from galaxygen.data import Cache, resolve_cache
 
     if isinstance(cache, Cache):
         return cache
-    if cache is None or cache == "":
-        cache = getattr(config, "data", "") or default_cache()
-    return Cache.open(cache)
+    return Cache.open(resolve_cache(cache or getattr(config, "data", "")))
 
 
 @torch.no_grad()

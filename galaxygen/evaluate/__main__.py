@@ -62,12 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def trial_id_of(checkpoint: Path) -> str:
-    parts = checkpoint.resolve().parts
-    if "runs" in parts[:-1]:
-        i = len(parts) - 1 - parts[::-1].index("runs")
-        if i + 1 < len(parts) - 1:
-            return parts[i + 1]
-    return checkpoint.stem
+    """The trial of a checkpoint inside a sweep's run folder, else the file's name."""
+    from galaxygen.results import locate
+
+    found = locate(checkpoint)
+    return found[1] if found else checkpoint.stem
 
 
 def format_table(metrics: dict[str, float], base: dict[str, dict[str, float]]) -> str:
@@ -209,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         store = ResultsStore(out.parent, out.name)
         trial = args.trial or state.get("trial_id") or trial_id_of(checkpoint)
-        store.write_metrics(trial, "eval", evaluate.metric_rows(metrics, base, int(state.get("step", 0) or 0),
-                                                                int(state.get("epoch", 0) or 0)))
+        store.write_eval(trial, evaluate.metric_rows(metrics, base, int(state.get("step", 0) or 0),
+                                                   int(state.get("epoch", 0) or 0)))
         log.info("wrote %d eval metrics of trial %s to %s", len(metrics), trial, out)
     return 0
 
