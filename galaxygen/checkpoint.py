@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 from galaxygen.config import TrainConfig
 from galaxygen.models import build_model
-from galaxygen.results import atomic_path
+from galaxygen.results import CHECKPOINTS, ResultsStore, atomic_path
 
 FORMAT_VERSION = 1
 
@@ -44,15 +46,78 @@ def save(path: Path, **payload) -> None:
         torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the message names the file and what is wrong, in one line."""
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint's payload (tensors and plain data only: anything else is refused, never executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(f"{path}: refused to load: it holds a Python object ({found.group(1)}), which a "
+                                  "galaxygen checkpoint never does and which could run code") from None
+        raise CheckpointError(f"{path} is not a torch checkpoint (truncated or corrupt)") from None
+    except Exception as err:  # whatever the unpickler of untrusted bytes raises (IndexError, EOFError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first})") from None
+    if not isinstance(state, dict) or not {"config", "model"} <= set(state):
+        raise CheckpointError(f"{path} is not a galaxygen checkpoint (expected a dict with config and model state)")
+    return state
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """The trained model (in eval mode) and its config from a checkpoint file."""
     state = load(path, map_location)
-    config = TrainConfig.from_dict(state["config"]).resolved()
-    model = build_model(config)
-    model.load_state_dict(state["model"])
+    try:
+        config = TrainConfig.from_dict(state["config"]).resolved()
+        model = build_model(config)
+        model.load_state_dict(state["model"])
+    except (ValueError, RuntimeError, TypeError) as err:  # ConfigError is a ValueError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} does not hold a model of this galaxygen version ({first})") from None
     model.eval()
     return model.to(map_location), config
+
+
+def repair(store: ResultsStore) -> list[str]:
+    """Repair the unreadable files of a sweep (ResultsStore.bad_parts); returns one line per file.
+
+    An epoch's metrics part is rewritten from the last checkpoint when that checkpoint is of this epoch
+    (it carries the epoch's rows); otherwise the rows are lost, so the part and the trial's checkpoints are
+    removed and the trial is marked stopped: its next run trains it again from the start (deterministically,
+    to the same metrics). A bad evaluation part is removed and its trial marked stopped (the next run
+    resumes from the last checkpoint and evaluates again); a bad trial row is removed (the next run of the
+    trial writes it again)."""
+    done = []
+    for bad in store.bad_parts():
+        if bad.part == "trial":
+            bad.path.unlink(missing_ok=True)
+            done.append(f"{bad.path} ({bad.reason}): removed; the trial's next run writes its row again")
+            continue
+        epoch = bad.epoch
+        if epoch is not None:
+            last = store.checkpoint(bad.trial_id, "last")
+            try:
+                state = load(last) if last.exists() else {}
+            except CheckpointError:
+                state = {}
+            if state.get("epoch") == epoch and state.get("epoch_rows"):
+                store.write_epoch(bad.trial_id, epoch, state["epoch_rows"])
+                done.append(f"{bad.path} ({bad.reason}): rewritten from {last}")
+                continue
+            for kind in CHECKPOINTS:
+                store.checkpoint(bad.trial_id, kind).unlink(missing_ok=True)
+            what = "its rows are lost, so the trial will be trained again from the start"
+        else:
+            what = "the trial will be evaluated again"
+        bad.path.unlink(missing_ok=True)
+        if store.read_trial(bad.trial_id):
+            store.write_trial(bad.trial_id, status="stopped")
+        done.append(f"{bad.path} ({bad.reason}): removed; {what}")
+    return done

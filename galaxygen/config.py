@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 RECON_LOSSES = ("bce", "l1", "mse")
+NOT_IDENTITY = ("epochs",)  # keys that extend a trial instead of making another one (see signature)
+MAX_SEED = 2**32 - 1
+MAX_PARAMETERS = 10**9  # 16 GB of fp32 weights, gradients and Adam moments: far beyond any 64 px model here
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -72,11 +76,13 @@ class TrainConfig:
             variable = ", ".join(name for name, s in sorted(MODELS.items()) if not s.fixed_depth)
             bad("depth", f"only {spec.defaults['depth']} for {self.model}, whose depth is part of its design "
                          f"(depth can vary for {variable})")
-        if self.lr is not None and not self.lr > 0:
-            bad("lr", "a number > 0 (or unset for the model's default)")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "a finite number > 0 (or unset for the model's default)")
         for key in ("alpha", "free_bits", "tv_weight", "weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                bad(key, "a number >= 0")
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                bad(key, "a finite number >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"an integer in [0, {MAX_SEED}] (numpy's seed range)")
         for key in ("kl_warmup_epochs", "data_count", "eval_n"):
             if getattr(self, key) < 0:
                 bad(key, "an integer >= 0")
@@ -108,9 +114,41 @@ class TrainConfig:
         defaults = MODELS[self.model].defaults
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
+    def check_model(self) -> int:
+        """The model's parameter count, from building it on the meta device (shapes only: no memory, no time).
+
+        Raises one ConfigError when the model cannot take the image size, or when its sizes (width,
+        latent_dim, depth, image_size) would need more than MAX_PARAMETERS parameters, instead of an
+        allocation of tens of GB."""
+        import torch
+
+        from galaxygen.models import build_model
+
+        config = self.resolved()
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("width", "latent_dim", "depth", "image_size"))
+        too_large = f"invalid config sizes of {config.model} ({sizes}): allowed at most {MAX_PARAMETERS:.0e} parameters"
+        try:
+            with torch.device("meta"):
+                model = build_model(config)
+        except ValueError as err:
+            if "overflow" in str(err).lower():
+                raise ConfigError(f"{too_large} (the tensors' sizes overflow)") from None
+            raise ConfigError(f"invalid config image_size={config.image_size}: allowed are the sizes {config.model} "
+                              f"can take ({err})") from None
+        except (TypeError, RuntimeError, OverflowError):  # torch cannot even describe tensors this large
+            raise ConfigError(f"{too_large} (the tensors' sizes overflow)") from None
+        count = sum(p.numel() for p in model.parameters())
+        if count > MAX_PARAMETERS:
+            raise ConfigError(f"{too_large}, the model would have {count:.3g} ({16 * count / 1e9:.3g} GB of "
+                              "weights, gradients and optimizer state)")
+        return count
+
     def signature(self) -> str:
-        """Short id of the resolved config: equal configs share it, so a rerun finds its finished trial."""
-        blob = json.dumps(self.resolved().to_dict(), sort_keys=True)
+        """Short id of the resolved config: equal configs share it, so a rerun finds its finished trial.
+
+        The keys of NOT_IDENTITY are left out: a trial run for more epochs is the same trial, continued
+        from its last checkpoint (the learning rate is constant and nothing else depends on the total)."""
+        blob = json.dumps({k: v for k, v in self.resolved().to_dict().items() if k not in NOT_IDENTITY}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 

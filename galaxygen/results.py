@@ -14,7 +14,8 @@ Layout under RESULTS/SWEEP/ (every path comes from a `ResultsStore` method; noth
                                        duplicates rows
     runs/<trial_id>/                   config.json, checkpoints/{best,last}.pt, tb/  run_dir(t), config_path(t),
                                                                                      checkpoint(t, "best"|"last"), tb_dir(t)
-    slurm_logs/<trial_id>/             the SLURM backend's job records and logs      slurm_dir(t)
+    slurm_logs/<trial_id>/             the SLURM backend's job records and logs      slurm_dir(t), job_record(t)
+    launcher.lock                      host and pid of the running launcher          lock_path()
     code/<hash>/                       code snapshots the SLURM jobs import          code_dir()
     report/                            figures and report.html                       report_dir()
     ray/                               Ray Tune's own state                          ray_dir()
@@ -244,6 +245,14 @@ class ResultsStore:
 
     def slurm_dir(self, trial_id: str) -> Path:
         return self.slurm_root() / check_trial_id(trial_id)
+
+    def job_record(self, trial_id: str) -> Path:
+        """slurm_logs/<trial_id>/job.json: the trial's current SLURM job (id, submitit folder, driver)."""
+        return self.slurm_dir(trial_id) / "job.json"
+
+    def lock_path(self) -> Path:
+        """launcher.lock: host and pid of the launcher running the sweep, flock-ed while it runs."""
+        return self.dir / "launcher.lock"
 
     def code_dir(self) -> Path:
         return self.dir / "code"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from galaxygen.checkpoint import load_model
+from galaxygen.checkpoint import CheckpointError, load_model
 from galaxygen.cli import positive
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import to_float
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)
-    except (SampleError, CacheError, OSError) as err:
+    except (SampleError, CacheError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     what = "input/reconstruction pairs" if args.reconstruct else "samples from the prior"

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from galaxygen import checkpoint, distributed
-from galaxygen.config import ConfigError, TrainConfig, parse_assignments
+from galaxygen.config import NOT_IDENTITY, ConfigError, TrainConfig, parse_assignments
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
 from galaxygen.losses import elbo_loss, warmup_factor
@@ -178,12 +178,7 @@ def open_data(config: TrainConfig, world_size: int = 1, in_memory: bool | None =
     if config.batch_size % world_size:
         raise ConfigError(f"invalid config batch_size={config.batch_size}: the global batch must divide "
                           f"evenly over {world_size} ranks")
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no time
-            build_model(config)
-    except ValueError as err:
-        raise ConfigError(f"invalid config image_size={config.image_size}: allowed are the sizes {config.model} "
-                          f"can take ({err})") from None
+    config.check_model()
     cache = cache or Cache.open(resolve_cache(config.data), in_memory=in_memory)
     if cache.size != config.image_size:
         raise ConfigError(f"invalid config image_size={config.image_size}: the cache {cache.path} holds "
@@ -238,7 +233,7 @@ class Trainer:
             return False
         state = checkpoint.load(path, self.device)
         saved = TrainConfig.from_dict(state["config"]).resolved().to_dict()
-        differ = [k for k, v in self.config.to_dict().items() if k != "epochs" and saved[k] != v]
+        differ = [k for k, v in self.config.to_dict().items() if k not in NOT_IDENTITY and saved[k] != v]
         if differ:
             raise ConfigError(f"{path} was trained with another config ({', '.join(f'{k}={saved[k]!r}' for k in differ)}); "
                               "resuming needs the same config (only epochs may change): pick another trial id")
@@ -423,8 +418,8 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
     store = ResultsStore(results, sweep)
     env = distributed.read_env()
     existing = store.read_trial(trial_id)
-    if existing and existing.get("status") == "completed" and existing.get("epochs_done") == config.epochs:
-        summary = epoch_report(store.metrics(trial_id), config.epochs)
+    if existing and existing.get("status") == "completed" and (existing.get("epochs_done") or 0) >= config.epochs:
+        summary = epoch_report(store.metrics(trial_id), int(existing["epochs_done"]))
         if report is not None and env.is_main:
             report(summary)
         return summary
@@ -477,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(config, args.out, args.sweep, args.trial_id)
-    except ConfigError as err:
+    except (ConfigError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

@@ -276,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("preparing the evaluation reference of %s (domain encoder, real statistics, baselines; once per dataset)",
                  base["data"])
         prepare(base["data"], base["eval_n"], workers=os.cpu_count() or 1)
+    from galaxygen.checkpoint import repair
+
+    for line in repair(ResultsStore(Path(args.results).resolve(), sweep.name)):  # unreadable files of an earlier run
+        log.warning("repaired %s", line)
     failed = run_sweep(args, sweep, base, trial_ids, slurm_options)
     store = ResultsStore(Path(args.results).resolve(), sweep.name)
     print()

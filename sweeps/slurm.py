@@ -344,7 +344,7 @@ class TrialPoller:
         """Submit the trial's job, adopt a live one from an earlier driver, or do nothing if already completed."""
         self.beat()
         row = self.store.read_trial(self.trial_id) or {}
-        if row.get("status") == "completed" and row.get("epochs_done") == self.config.epochs:
+        if row.get("status") == "completed" and (row.get("epochs_done") or 0) >= self.config.epochs:
             log.info("trial %s is already completed; reporting its metrics", self.trial_id)
             return
         old = self.registry()

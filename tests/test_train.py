@@ -136,6 +136,32 @@ def test_resume_continues_only_the_same_config(tmp_path, blob_cache):
     assert sorted(set(metrics.epoch)) == [1, 2] and not metrics.duplicated(["epoch", "step", "split", "metric"]).any()
 
 
+def test_more_epochs_continue_a_finished_run_to_the_metrics_of_an_uninterrupted_one(tmp_path, blob_cache):
+    # epochs are not part of a trial's identity; what changes past training (evaluation) is
+    assert tiny(blob_cache, epochs=1).signature() == tiny(blob_cache, epochs=3).signature()
+    assert tiny(blob_cache, eval_n=8).signature() != tiny(blob_cache).signature()
+    torch.set_num_threads(1)
+    run(tiny(blob_cache, epochs=3), tmp_path / "a", "t")
+    run(tiny(blob_cache, epochs=1), tmp_path / "b", "t")
+    trial_id = tiny(blob_cache).resolved().signature()
+    store = ResultsStore(tmp_path / "b", "t")
+    first = store.read_epoch(trial_id, 1)
+    assert run(tiny(blob_cache, epochs=3), tmp_path / "b", "t")["epoch"] == 3
+    row = store.read_trial(trial_id)
+    assert row["status"] == "completed" and row["epochs_done"] == 3 and row["epochs"] == 3
+    assert store.read_epoch(trial_id, 1).equals(first), "epoch 1 must not be trained again (same rows, same times)"
+    # fewer epochs than a trial has: nothing to do, the trial is complete
+    assert run(tiny(blob_cache, epochs=2), tmp_path / "b", "t")["epoch"] == 3
+    order = ["epoch", "step", "split", "metric"]
+    a = ResultsStore(tmp_path / "a", "t").metrics(trial_id).sort_values(order)
+    b = store.metrics(trial_id).sort_values(order)
+    timing = ["images_per_s", "epoch_time_s"]
+    a, b = a[~a.metric.isin(timing)], b[~b.metric.isin(timing)]
+    assert a[order].values.tolist() == b[order].values.tolist()
+    # same process, same CPU kernels, RNG state restored from the checkpoint: equal up to float32 rounding
+    np.testing.assert_allclose(a.value.to_numpy(), b.value.to_numpy(), rtol=1e-5)
+
+
 def test_nan_stops_the_run_with_a_recorded_reason(tmp_path, blob_cache):
     with pytest.raises(TrainingDiverged):
         run(tiny(blob_cache, lr=1e9, epochs=3), tmp_path, "t", "nan")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyarrow.lib import ArrowException
 
 IMAGES = "images.npy"
 CATALOG = "catalog.parquet"
@@ -48,14 +49,14 @@ class Cache:
     def open(cls, path: str | os.PathLike, in_memory: bool | None = None) -> Cache:
         """Open a cache; in_memory=None loads it into RAM when it is smaller than 4 GiB."""
         path = cls.require(path)
-        images = np.load(path / IMAGES, mmap_mode="r")
+        images = read_images(path / IMAGES)
         if in_memory is None:
             in_memory = images.nbytes <= IN_MEMORY_LIMIT_BYTES
         if in_memory:
             images = np.array(images)  # a copy in RAM (ascontiguousarray would keep a view of the mapping)
             images.flags.writeable = False  # read-only, like the mapping
-        catalog = pd.read_parquet(path / CATALOG)
-        manifest = json.loads((path / MANIFEST).read_text())
+        catalog = read_catalog(path / CATALOG)
+        manifest = read_manifest(path / MANIFEST)
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
             raise CacheError(f"{path / IMAGES} must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
         if len(catalog) != len(images):
@@ -136,6 +137,41 @@ class CacheWriter:
     def abort(self) -> None:
         self.images = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_images(path: Path) -> np.ndarray:
+    """The memory-mapped image array, or one CacheError naming the file and what is wrong with it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CacheError(f"{path} is not a readable .npy array (truncated or corrupt: {_first_line(err)}); "
+                         "rebuild the cache with `python -m galaxygen.data pack` or `synth`") from None
+
+
+def read_catalog(path: Path) -> pd.DataFrame:
+    """The catalog table, or one CacheError naming the file and what is wrong with it."""
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError, ArrowException) as err:
+        raise CacheError(f"{path} is not a readable Parquet table (truncated or corrupt: {_first_line(err)}); "
+                         "rebuild the cache with `python -m galaxygen.data pack` or `synth`") from None
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest, or one CacheError naming the file and what is wrong with it."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CacheError(f"{path} is not valid JSON ({_first_line(err)}); rebuild the cache with "
+                         "`python -m galaxygen.data pack` or `synth`") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} must hold a JSON object, got {type(manifest).__name__}; rebuild the cache")
+    return manifest
 
 
 def content_hash(images: np.ndarray, catalog: pd.DataFrame) -> str:
