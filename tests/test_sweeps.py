@@ -187,6 +187,24 @@ def test_driver_killed_mid_sweep_then_rerun_finishes_without_rerunning(tmp_path,
     assert set(metrics.groupby("trial_id").epoch.max()) == {2}
 
 
+def test_the_same_sweep_with_more_epochs_continues_each_trial(tmp_path, blob_cache):
+    args = ["longer", "--backend", "local", "--data", str(blob_cache), "--grid", "dropout=0.1", "--set",
+            "batch_size=16", "--no-figures", "--eval-n", "0"]
+    first = run_launcher([*args, "--epochs", "1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = ResultsStore(tmp_path, "longer")
+    [trial_id] = store.trials()["trial_id"]
+    epoch_one = store.read_epoch(trial_id, 1)
+    more = run_launcher([*args, "--epochs", "2"], tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    row = store.read_trial(trial_id)
+    assert list(store.trials()["trial_id"]) == [trial_id], "more epochs are the same trial"
+    assert row["status"] == "completed" and row["epochs_done"] == 2
+    assert store.read_epoch(trial_id, 1).equals(epoch_one), "epoch 1 must not be trained again"
+    assert store.epochs(trial_id) == [1, 2]
+    assert not store.metrics().duplicated(["trial_id", "epoch", "step", "split", "metric"]).any()
+
+
 WRITER = """
 import sys, numpy as np, pandas as pd
 from pathlib import Path
