@@ -11,7 +11,7 @@ import time
 import torch
 
 from galaxygen.config import TrainConfig
-from galaxygen.data import Cache, default_cache
+from galaxygen.data import Cache, resolve_cache
 from galaxygen.data.loader import BatchLoader
 from galaxygen.losses import elbo_loss
 from galaxygen.models import build_model
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
     torch.set_num_threads(2)
-    cache = Cache.open(args.data or default_cache())
+    cache = Cache.open(resolve_cache(args.data))
     plain = loader_rate(cache, args.batch, augment=False)
     aug = loader_rate(cache, args.batch, augment=True)
     print(f"loader, no augmentation:   {plain:9.0f} images/s")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from galaxygen.data import default_cache
+from galaxygen.data import resolve_cache
 from galaxygen.results import ResultsStore
 from sweeps.launch import DEFAULT_EVAL_N
 
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--data", default="")
     args = p.parse_args()
-    data = args.data or str(default_cache())
+    data = str(resolve_cache(args.data))
     print(f"one-off evaluation preparation: {prepare_evaluation(data, DEFAULT_EVAL_N):.1f} s")
     print(f"Ray start-up + shutdown: {ray_startup():.1f} s")
     for concurrent in (1, 2):

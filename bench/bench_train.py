@@ -21,7 +21,7 @@ import torch
 
 from galaxygen import distributed
 from galaxygen.config import TrainConfig
-from galaxygen.data import Cache, default_cache
+from galaxygen.data import Cache, resolve_cache
 from galaxygen.data.loader import augment, to_float
 from galaxygen.losses import elbo_loss
 from galaxygen.models import build_model, memory_format
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved measurements of each loop (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = args.data or str(default_cache())
+    data = str(resolve_cache(args.data))
     cache = Cache.open(data)
     config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch, data=data).resolved()
     train = to_float(cache.images[cache.indices("train")])
