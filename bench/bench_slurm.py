@@ -54,6 +54,17 @@ def blob_cache(out: Path, n: int, size: int = 64, seed: int = 0) -> Path:
     return writer.finish(catalog, {"source": "bench blobs", "n": n})
 
 
+def work_dir(keep: str | None, prefix: str) -> Path | None:
+    """The folder for a SLURM benchmark's data and results (`keep`, else a new temporary one), or None (with the
+    reason printed) when no SLURM controller answers."""
+    if subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        print("no SLURM controller answers: run `sudo slurm/local-cluster.sh start` first", file=sys.stderr)
+        return None
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def node_cpus() -> int:
     out = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True)
     return sum(int(c.rstrip("+")) for c in out.stdout.split())
@@ -106,11 +117,9 @@ def main() -> int:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--keep", help="keep the results in this folder (default: a temporary one, removed)")
     args = p.parse_args()
-    if subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
-        print("no SLURM controller answers: run `sudo slurm/local-cluster.sh start` first", file=sys.stderr)
+    work = work_dir(args.keep, "bench-slurm-")
+    if work is None:
         return 2
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-slurm-"))
-    work.mkdir(parents=True, exist_ok=True)
     try:
         cache = blob_cache(work / "cache", args.n)
         slurm_wall = run_sweep("slurm", work / "slurm", cache, args)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from galaxygen.config import ConfigError, TrainConfig, parse_assignments
 from galaxygen.results import ResultsStore, atomic_write_json
-from sweeps import spaces
+from sweeps import slurm_options, spaces
 
 log = logging.getLogger("sweeps.launch")
 
@@ -63,12 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=DEFAULT_EVAL_N,
                    help=f"generated samples scored per trial at its end (default {DEFAULT_EVAL_N}; 0 = off)")
     p.add_argument("--dry-run", action="store_true", help="print the trial configs and exit")
-    try:
-        from sweeps import slurm
-
-        slurm.add_arguments(p)
-    except ImportError:
-        pass
+    p.add_argument("--cancel", action="store_true", help="cancel the sweep's SLURM jobs (trials and drivers) and "
+                   "record its unfinished trials as stopped; running the sweep again resumes them")
+    slurm_options.add_arguments(p)
     return p
 
 
@@ -139,7 +136,7 @@ def progress_callback(varies: list[str]):
     return Progress()
 
 
-def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm_options=None) -> int:
+def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], options=None) -> int:
     """Run the sweep with Ray Tune; returns how many of its trials (trial_ids) failed."""
     import ray
     from ray import tune
@@ -160,8 +157,8 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], slurm
     if backend == "slurm":
         from sweeps import slurm
 
-        trainable = slurm.make_trainable(results, sweep.name, slurm_options)
-        concurrent = args.max_concurrent or len(trial_ids)
+        trainable = slurm.make_trainable(results, sweep.name, options)
+        concurrent = args.max_concurrent or options.max_jobs or len(trial_ids)
     else:
         resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
         trainable = tune.with_resources(local_trainable(results, sweep.name, args.cpus_per_trial), resources)
@@ -226,6 +223,20 @@ def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str]) ->
         print(f"  {row.trial_id} failed: {first}")
 
 
+def cancel(results: Path, name: str | None) -> int:
+    """--cancel: end every SLURM job of the sweep (its drivers' and trials') and record its trials stopped."""
+    from sweeps.slurm_job import cancel_sweep
+
+    store = ResultsStore(results, name or "")
+    if not name or not (store.dir / "sweep.json").is_file():
+        print(f"error: {store.dir} is not a sweep's results folder (no sweep.json): give the sweep's NAME and "
+              "--results DIR", file=sys.stderr)
+        return 2
+    cancelled = cancel_sweep(store)
+    print(f"cancelled {len(cancelled)} SLURM job(s) of sweep {name}" + (f": {', '.join(cancelled)}" if cancelled else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -233,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in spaces.SWEEPS.values():
             print(f"{s.name:15s} varies {', '.join(s.varies):40s} {s.description}")
         return 0
+    if args.cancel:
+        return cancel(Path(args.results).resolve(), args.name)
     try:
         sweep, base = resolve_sweep(args)
         configs = spaces.expand(sweep, base, args.samples, args.seed)
@@ -241,12 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.backend == "auto":
         args.backend = "slurm" if slurm_available() else "local"
-    slurm_options = None
+    options = None
     if args.backend == "slurm":
-        from sweeps import slurm
-
         try:
-            slurm_options = slurm.options_from_args(args)
+            options = slurm_options.options_from_args(args)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for line in repair(ResultsStore(Path(args.results).resolve(), sweep.name)):  # unreadable files of an earlier run
         log.warning("repaired %s", line)
-    failed = run_sweep(args, sweep, base, trial_ids, slurm_options)
+    failed = run_sweep(args, sweep, base, trial_ids, options)
     store = ResultsStore(Path(args.results).resolve(), sweep.name)
     print()
     print_table(store, trial_ids, sweep.varies)

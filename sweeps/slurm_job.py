@@ -1,29 +1,38 @@
 """A trial's SLURM job: what runs inside it (train, requeue on SLURM's warning signal, stop on request) and,
-on the driver's side, how it is submitted (submitit) and watched (result files and squeue, never sacct).
+on the driver's side, how it is submitted (submitit) and watched (result files and one shared squeue per poll
+interval, never sacct). Ray-free: the Ray-side backend (`sweeps.slurm`) and the evaluation jobs
+(`sweeps.evaluate`) build on it.
 
-This module is imported on the compute node from the sweep's code snapshot (see `sweeps.slurm`), so it
-imports only the standard library and submitit at the top, and the training code only inside the job.
+This module is imported on the compute node from the sweep's code snapshot (see `snapshot_code`), so it
+imports only the standard library, submitit and the leaf `sweeps.slurm_options` at the top, and the training
+code only inside the job.
 
 The job's rank 0 runs a watchdog thread over the trial's control folder (RESULTS/SWEEP/slurm_logs/<trial>):
-  * `cancel-<jobid>` appears (the poller or the driver cancels the job): record the trial as stopped and
-    end the job at once, instead of training on through SLURM's KillWait and overwriting that record;
-  * `heartbeat` stops changing for `heartbeat_timeout_s` (the driver was killed with SIGKILL or its host
-    died): record the trial as stopped with the reason, and end the job.
+  * `cancel-<jobid>` appears (the poller, the driver or `sweeps.launch --cancel` cancels the job): record the
+    trial as stopped with the reason written in the marker, and end the job at once, instead of training on
+    through SLURM's KillWait and overwriting that record;
+  * `heartbeat` stops changing for `heartbeat_timeout_s` (no driver has polled the trial for that long: it
+    was killed with SIGKILL, its host died, or a requeued driver did not come back in time): record the trial
+    as stopped with the reason, and end the job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
-import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,27 +40,46 @@ from typing import TYPE_CHECKING, Any
 
 import submitit
 
+from sweeps.slurm_options import SlurmOptions, sbatch_parameters
+
 if TYPE_CHECKING:
-    from sweeps.slurm import SlurmOptions
+    from galaxygen.results import ResultsStore
 
 log = logging.getLogger("sweeps.slurm_job")
 
 HEARTBEAT = "heartbeat"
+SQUEUE = "squeue.json"
+PACKAGES = ("galaxygen", "sweeps", "analysis")
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 # Variables never passed from the driver to a job: the driver's own SLURM allocation (the driver may itself
 # be a job, and srun in the trial job would read them) and Ray's settings; SLURM_CONF is kept.
-DROPPED_ENV_PREFIXES = ("SLURM_", "RAY_", "SUBMITIT_")
+DROPPED_ENV_PREFIXES = ("SLURM_", "RAY_", "SUBMITIT_", "GALAXYGEN_DRIVER_JOB")
 KEPT_ENV = ("SLURM_CONF",)
-
-
-class SlurmOptionsError(ValueError):
-    """A SLURM option or profile key is not allowed; the message names it and what is allowed."""
+# Why a trial was stopped (its row's stop_reason). Only "early" (the scheduler's decision) is final: a rerun of
+# the sweep resumes trials stopped for any other reason from their last checkpoint.
+EARLY, CANCELLED, ORPHANED = "early", "cancelled", "orphaned"
 
 
 def cancel_marker(control: Path, job_id: str) -> Path:
-    """The file whose existence asks job `job_id` to stop."""
+    """The file whose existence asks job `job_id` to stop; it holds the stop reason as JSON."""
     return control / f"cancel-{job_id}"
+
+
+def mark_stopped(store: ResultsStore, trial_id: str, reason: str, detail: str | None = None) -> None:
+    """Record a trial as stopped (with why), unless it completed or failed first."""
+    row = store.read_trial(trial_id)
+    if row and row.get("status") not in ("completed", "failed"):
+        store.write_trial(trial_id, status="stopped", stop_reason=reason, error=detail, end_time=time.time())
+
+
+def is_final(row: dict | None, epochs: int) -> bool:
+    """True when a trial's row says it needs no more work for `epochs` epochs: completed them, failed, or stopped
+    early by the scheduler."""
+    status = (row or {}).get("status")
+    if status == "completed":
+        return (row.get("epochs_done") or 0) >= epochs
+    return status == "failed" or (status == "stopped" and row.get("stop_reason") == EARLY)
 
 
 class TrialJob(submitit.helpers.Checkpointable):
@@ -82,15 +110,13 @@ class TrialJob(submitit.helpers.Checkpointable):
             Watchdog(Path(self.control), job_id, self.heartbeat_timeout_s, self.stop_now).start()
         return run(TrainConfig.from_dict(self.config), self.results, self.sweep, trial_id=self.trial_id)
 
-    def stop_now(self, error: str | None) -> None:
+    def stop_now(self, reason: str, detail: str | None) -> None:
         """Record the trial as stopped (unless it already ended), cancel this job and die at once."""
         from galaxygen.results import ResultsStore
 
-        log.warning("stopping: %s", error or "cancelled by the sweep")
+        log.warning("stopping (%s): %s", reason, detail or "cancelled by the sweep")
         try:
-            store = ResultsStore(self.results, self.sweep)
-            if (store.read_trial(self.trial_id) or {}).get("status") not in ("completed", "failed"):
-                store.write_trial(self.trial_id, status="stopped", error=error, end_time=time.time())
+            mark_stopped(ResultsStore(self.results, self.sweep), self.trial_id, reason, detail)
         finally:
             job_id = os.environ.get("SLURM_JOB_ID")
             if job_id:  # marks the job CANCELLED and ends the other tasks
@@ -106,71 +132,79 @@ class Watchdog(threading.Thread):
     so clock skew between the driver's host and the compute node does not matter. timeout_s=0: no heartbeat.
     """
 
-    def __init__(self, control: Path, job_id: str, timeout_s: float, stop: Callable[[str | None], None]):
+    def __init__(self, control: Path, job_id: str, timeout_s: float, stop: Callable[[str, str | None], None]):
         super().__init__(name="trial-watchdog", daemon=True)
         self.heartbeat = control / HEARTBEAT
         self.marker = cancel_marker(control, job_id)
         self.timeout_s = timeout_s
         self.stop = stop
 
-    def beat(self) -> tuple | None:
+    def heartbeat_stamp(self) -> tuple | None:
+        """The heartbeat file's mtime and content (None while it does not exist)."""
         try:
             return self.heartbeat.stat().st_mtime_ns, self.heartbeat.read_bytes()
         except OSError:
             return None
 
+    def cancel_request(self) -> tuple[str, str | None] | None:
+        """(reason, detail) from this job's cancel marker, or None while there is none."""
+        try:
+            text = self.marker.read_text()
+        except OSError:
+            return None
+        try:
+            request = json.loads(text)
+            return str(request.get("reason") or CANCELLED), request.get("detail")
+        except (ValueError, AttributeError):  # a marker touched by hand
+            return CANCELLED, None
+
     def run(self) -> None:
-        last, changed = self.beat(), time.monotonic()
+        last, changed = self.heartbeat_stamp(), time.monotonic()
         while True:
             time.sleep(1.0)
-            if self.marker.exists():
-                self.stop(None)
+            request = self.cancel_request()
+            if request is not None:
+                self.stop(*request)
                 return
             if self.timeout_s <= 0:
                 continue
-            now = self.beat()
+            now = self.heartbeat_stamp()
             if now != last:
                 last, changed = now, time.monotonic()
             elif time.monotonic() - changed > self.timeout_s:
-                self.stop(f"stopped: the sweep driver's poller has not touched {self.heartbeat} for "
-                          f"{time.monotonic() - changed:.0f} s (driver killed?); resume the sweep with --resume")
+                self.stop(ORPHANED, f"the sweep driver's poller has not touched {self.heartbeat} for "
+                          f"{time.monotonic() - changed:.0f} s (driver killed, or a requeued driver did not come "
+                          "back in time); run the sweep's command again to resume it")
                 return
 
 
 # -- submission and state, on the driver's side ----------------------------------------------------------
 
 
-def sbatch_parameters(lines: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """Extra `#SBATCH` lines ("#SBATCH --mail-type=FAIL", "--exclusive", "gres=gpu:a100:2") as submitit's
-    additional_parameters (these override the generated ones)."""
-    out: dict[str, Any] = {}
-    for line in lines:
-        text = line.strip()
-        text = text[len("#SBATCH"):].strip() if text.startswith("#SBATCH") else text
-        text = text.lstrip("-")
-        match = re.fullmatch(r"([A-Za-z][\w-]*)(?:[= ]\s*(.+))?", text)
-        if not match:
-            raise SlurmOptionsError(f"invalid sbatch line {line!r}: expected '--option=value' or '--flag'")
-        key, value = match.group(1).replace("_", "-"), match.group(2)
-        out[key] = True if value is None else value.strip()
-    return out
+# -- submission, on the driver's side --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Driver:
-    """What the sweep driver hands to its trials: where it runs, its environment, python and code snapshot."""
+    """What the sweep driver hands to its trials: where it runs, its environment, python and code snapshot.
+
+    `batch_job` is the driver's own SLURM job id when it runs as `slurm/sweep.sh` (which exports
+    GALAXYGEN_DRIVER_JOB): such a driver detaches from its trial jobs when it stops (time limit, preemption,
+    scancel) instead of cancelling them, and the next driver of the sweep adopts them.
+    """
 
     tag: str
     cwd: str
     python: str
     environ: dict[str, str] = field(default_factory=dict)
     code: str | None = None
+    batch_job: str | None = None
 
     @classmethod
     def here(cls, code: Path | None = None, python: str | None = None) -> Driver:
         env = {k: v for k, v in os.environ.items() if k in KEPT_ENV or not k.startswith(DROPPED_ENV_PREFIXES)}
         return cls(f"{socket.gethostname()}:{os.getpid()}", os.getcwd(), python or sys.executable, env,
-                   str(code) if code else None)
+                   str(code) if code else None, os.environ.get("GALAXYGEN_DRIVER_JOB") or None)
 
 
 @contextlib.contextmanager
@@ -199,7 +233,7 @@ def job_setup_lines(options: SlurmOptions, driver: Driver) -> list[str]:
 
 
 def executor_parameters(options: SlurmOptions, driver: Driver, name: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters (its sbatch names) for one trial job."""
+    """submitit SlurmExecutor parameters (its sbatch names) for one job."""
     params: dict[str, Any] = {
         "job_name": name, "time": options.timeout_min, "nodes": options.nodes,
         "ntasks_per_node": options.tasks, "signal_delay_s": options.signal_delay_s,
@@ -219,17 +253,69 @@ def executor_parameters(options: SlurmOptions, driver: Driver, name: str) -> dic
     return params
 
 
+def executor(folder: Path, options: SlurmOptions, driver: Driver, name: str, **changes) -> submitit.SlurmExecutor:
+    """A submitit executor for jobs shaped by `options` (plus sbatch parameter `changes`), run from the driver's
+    code snapshot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.max_requeues,
+                                 python=shlex.quote(options.python or driver.python))
+    out.update_parameters(**{**executor_parameters(options, driver, name), **changes})
+    return out
+
+
 def submit(function, folder: Path, options: SlurmOptions, driver: Driver, name: str) -> SlurmJobRef:
     """Submit `function()` as one SLURM job (all its tasks run it) and return a reference to it."""
-    import submitit
-
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.max_requeues,
-                                      python=shlex.quote(options.python or driver.python))
-    executor.update_parameters(**executor_parameters(options, driver, name))
     with environment(driver.environ):
-        job = executor.submit(function)
+        job = executor(folder, options, driver, name).submit(function)
     return SlurmJobRef(str(job.job_id), str(folder), options.nodes * options.tasks, time.time())
+
+
+def source_root() -> Path:
+    """The folder holding the galaxygen, sweeps and analysis packages this process imports."""
+    return Path(__file__).resolve().parent.parent
+
+
+def snapshot_code(dest: Path, root: Path | None = None) -> Path:
+    """Copy the packages' source into dest/<content hash>/ (once per distinct code) and return that folder."""
+    from galaxygen.results import atomic_write_json
+
+    root = root or source_root()
+    files = sorted(
+        p for pkg in PACKAGES if (root / pkg).is_dir() for p in (root / pkg).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not any(s.startswith(".") for s in p.relative_to(root).parts)
+        and p.suffix not in (".pyc", ".pyo")
+    )
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    out = dest / digest.hexdigest()[:12]
+    if (out / "SNAPSHOT.json").exists():
+        return out
+    tmp = dest / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    for path in files:
+        target = tmp / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    atomic_write_json({"source": str(root), "files": len(files), "created": time.time(),
+                       "git": git_describe(root)}, tmp / "SNAPSHOT.json")
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another driver made the same snapshot first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("code snapshot %s (%d files from %s)", out, len(files), root)
+    return out
+
+
+def git_describe(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+# -- job state, on the driver's side ---------------------------------------------------------------------
 
 
 @dataclass
@@ -271,38 +357,16 @@ class SlurmJobRef:
             return "completed", results[0][1]
         return None
 
-    def squeue_state(self) -> str | None:
-        """The job's state from `squeue -t all` (finished jobs stay visible for MinJobAge), or None if unknown."""
-        try:
-            out = subprocess.run(["squeue", "-h", "-t", "all", "-j", self.job_id, "-o", "%T"], capture_output=True,
-                                 text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return "UNKNOWN"  # cannot tell: do not declare the job lost
-        if out.returncode != 0:
-            return None if "Invalid job id" in out.stderr else "UNKNOWN"
-        states = out.stdout.split()
-        return states[0] if states else None
-
-    def alive(self) -> bool:
-        return self.squeue_state() in ACTIVE_STATES | {"UNKNOWN"}
-
-    def cancel(self, control: Path | None = None) -> None:
-        """Ask the job to stop: its cancel marker in the trial's control folder (the job's watchdog records
-        the trial as stopped and exits within a second), then scancel (SLURM sends SIGTERM, which submitit
-        ignores, and SIGKILL after the cluster's KillWait)."""
+    def cancel(self, control: Path | None = None, reason: str = CANCELLED, detail: str | None = None) -> None:
+        """Ask the job to stop: its cancel marker in the trial's control folder, holding why (the job's watchdog
+        records the trial as stopped with that reason and exits within a second), then scancel (SLURM sends
+        SIGTERM, which submitit ignores, and SIGKILL after the cluster's KillWait)."""
         if control is not None:
-            with contextlib.suppress(OSError):
-                cancel_marker(control, self.job_id).touch()
-        subprocess.run(["scancel", self.job_id], capture_output=True, timeout=60, check=False)
+            from galaxygen.results import atomic_write_json
 
-    def wait_gone(self, timeout_s: float) -> bool:
-        """Wait until squeue no longer lists the job as active (a cancelled job still runs for KillWait)."""
-        deadline = time.monotonic() + timeout_s
-        while self.squeue_state() in ACTIVE_STATES | {"UNKNOWN"}:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.5)
-        return True
+            with contextlib.suppress(OSError):
+                atomic_write_json({"reason": reason, "detail": detail}, cancel_marker(control, self.job_id))
+        scancel(self.job_id)
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.log_path(0, "err")
@@ -310,3 +374,119 @@ class SlurmJobRef:
             return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return f"(no log at {path})"
+
+
+def scancel(*job_ids: str) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60, check=False)
+
+
+class SqueueSnapshot:
+    """The SLURM state of every unfinished job of a sweep, from ONE `squeue` call per `max_age_s`, shared by all
+    its pollers (each trial polls in its own Ray worker process) through slurm_logs/squeue.json.
+
+    Whichever poller first finds the file older than `max_age_s` takes an fcntl lock, asks
+    `squeue --jobs=<every unfinished job id in slurm_logs/*/job.json>` and rewrites the file atomically; the
+    others read it. A job submitted after the snapshot counts as alive until the next one asks about it.
+    """
+
+    def __init__(self, logs: Path, max_age_s: float):
+        self.logs = Path(logs)
+        self.path = self.logs / SQUEUE
+        self.max_age_s = max_age_s
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def fresh(self, snap: dict | None) -> bool:
+        return snap is not None and 0 <= time.time() - snap.get("time", 0) < self.max_age_s
+
+    def current(self) -> dict:
+        """The snapshot, refreshed first if it is older than max_age_s."""
+        snap = self.read()
+        if self.fresh(snap):
+            return snap
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / ".squeue.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            snap = self.read()  # another poller may have refreshed it while we waited for the lock
+            if not self.fresh(snap):
+                snap = self.refresh()
+        return snap
+
+    def refresh(self) -> dict:
+        from galaxygen.results import atomic_write_json
+
+        ids = sorted(unfinished_jobs(self.logs), key=lambda j: (len(j), j))
+        snap: dict[str, Any] = {"time": time.time(), "asked": ids, "jobs": {}, "ok": True}
+        if ids:
+            try:
+                out = subprocess.run(["squeue", "-h", "-t", "all", f"--jobs={','.join(ids)}", "-o", "%i %T"],
+                                     capture_output=True, text=True, timeout=60)
+                if out.returncode == 0:
+                    snap["jobs"] = dict(line.split()[:2] for line in out.stdout.splitlines() if line.strip())
+                else:  # one unknown id alone is an error; several are simply not listed
+                    snap["ok"] = "Invalid job id" in out.stderr
+            except (OSError, subprocess.TimeoutExpired):
+                snap["ok"] = False
+        atomic_write_json(snap, self.path)
+        return snap
+
+    def state(self, job_id: str) -> str | None:
+        """The job's squeue state, "UNKNOWN" when squeue cannot tell (not asked yet, or it failed), None when
+        squeue no longer lists it."""
+        snap = self.current()
+        if not snap.get("ok") or job_id not in snap.get("asked", ()):
+            return "UNKNOWN"
+        return snap["jobs"].get(job_id)
+
+    def alive(self, job_id: str) -> bool:
+        return self.state(job_id) in ACTIVE_STATES | {"UNKNOWN"}
+
+
+def job_records(logs: Path) -> Iterator[tuple[Path, dict]]:
+    """(path, record) of every trial's slurm_logs/<trial>/job.json."""
+    for path in sorted(Path(logs).glob("*/job.json")):
+        try:
+            yield path, json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+
+
+def unfinished_jobs(logs: Path) -> list[str]:
+    return [r["job_id"] for _, r in job_records(logs) if r.get("job_id") and not r.get("finished")]
+
+
+def cancel_jobs(store: ResultsStore, logs: Path, reason: str, detail: str, driver: str | None = None,
+                wait_s: float = 30.0) -> list[str]:
+    """Cancel every unfinished trial job recorded under `logs` (only `driver`'s, when given), mark the jobs
+    finished and their trials stopped with `reason`; returns the cancelled job ids."""
+    cancelled = []
+    for path, record in job_records(logs):
+        if record.get("finished") or not record.get("job_id") or driver not in (None, record.get("driver")):
+            continue
+        job = SlurmJobRef(record["job_id"], record["folder"], record.get("tasks", 1))
+        if job.outcome() is None:
+            job.cancel(path.parent, reason, detail)
+            cancelled.append((job, record["trial_id"]))
+        from galaxygen.results import atomic_write_json
+
+        atomic_write_json({**record, "finished": True, "ended": time.time()}, path)
+    deadline = time.monotonic() + wait_s
+    for _, trial_id in cancelled:  # the job's watchdog records the reason; wait for it, then make sure
+        while time.monotonic() < deadline and (store.read_trial(trial_id) or {}).get("status") in ("pending", "running"):
+            time.sleep(0.5)
+        mark_stopped(store, trial_id, reason, detail)
+    return [job.job_id for job, _ in cancelled]
+
+
+def cancel_sweep(store: ResultsStore) -> list[str]:
+    """`sweeps.launch NAME --cancel`: cancel the sweep's drivers that run as SLURM jobs (so none requeues
+    itself) and every unfinished trial job of every driver; their trials are recorded stopped ("cancelled")."""
+    logs = store.slurm_root()
+    drivers = sorted({r.get("batch_job") for _, r in job_records(logs)} - {None})
+    scancel(*drivers)
+    return drivers + cancel_jobs(store, logs, CANCELLED, "cancelled with sweeps.launch --cancel")

@@ -94,7 +94,7 @@ def expand(sweep: Sweep, base: dict[str, Any], samples: int | None = None, seed:
     import numpy as np
 
     space = param_space(sweep, base)
-    rng = np.random.RandomState(seed)
+    rng = np.random.default_rng(seed)  # what Tune's BasicVariantGenerator(random_state=seed) draws from
     configs = []
     for _ in range(samples or sweep.samples):
         for _, spec in generate_variants(space, random_state=rng):

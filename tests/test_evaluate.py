@@ -323,17 +323,6 @@ def test_evaluate_model_cli_and_shards_agree(tmp_path, cache, base, capsys):
         assert merged[name] == pytest.approx(value, nan_ok=True), name
 
 
-def test_slurm_array_scripts(tmp_path, cache):
-    path, _, _ = checkpoint_of(tmp_path, cache)
-    args = cli.build_parser().parse_args([str(path), "--n", "500", "--slurm-array", "4", "--shard-dir",
-                                          str(tmp_path / "s"), "--out", str(tmp_path / "r" / "sw")])
-    array, merge = cli.slurm_scripts(args, str(cache.path), tmp_path / "s")
-    assert "#SBATCH --array=0-3" in array and '--shard "$SLURM_ARRAY_TASK_ID/4"' in array
-    assert "--shard " not in merge and "--out" in merge and "--shard-dir" in merge
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args([str(path), "--shard", "5/4"])
-
-
 def test_inception_weights_file_is_used_offline(tmp_path):
     from torchvision.models import inception_v3
 

@@ -24,9 +24,12 @@ from pathlib import Path
 import pytest
 
 from galaxygen.config import TrainConfig
-from galaxygen.results import ResultsStore
-from sweeps import slurm
-from sweeps.slurm import Driver, SlurmJobRef, SlurmOptions, SlurmOptionsError, TrialPoller
+from galaxygen.results import ResultsStore, atomic_write_json
+from sweeps import slurm, slurm_job, slurm_options
+from sweeps.slurm import TrialPoller
+from sweeps.slurm_job import Driver, SlurmJobRef
+from sweeps.slurm_options import SlurmOptions, SlurmOptionsError
+from tests.conftest import run_launcher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +85,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 def job_gone(job_id: str) -> bool:
-    return all(state not in slurm.ACTIVE_STATES for jid, _, state in squeue("-t", "all") if jid == job_id)
+    return all(state not in slurm_job.ACTIVE_STATES for jid, _, state in squeue("-t", "all") if jid == job_id)
 
 
 def assert_clean_metrics(store: ResultsStore, trial_id: str, epochs: int) -> None:
@@ -102,8 +105,8 @@ def test_profile_then_flags(tmp_path, monkeypatch):
     profile.write_text("slurm:\n  partition: gpu\n  account: astro\n  gpus-per-node: 4\n  mem_gb: 64\n"
                        "  sbatch: ['--mail-type=FAIL']\n  setup: ['module load cuda/12.4']\n")
     parser = argparse.ArgumentParser()
-    slurm.add_arguments(parser)
-    opts = slurm.options_from_args(parser.parse_args(
+    slurm_options.add_arguments(parser)
+    opts = slurm_options.options_from_args(parser.parse_args(
         ["--slurm-profile", str(profile), "--partition", "debug", "--sbatch=--exclusive", "--timeout-min", "30"]))
     assert (opts.partition, opts.account, opts.gpus_per_node, opts.tasks, opts.mem_gb, opts.timeout_min) == \
         ("debug", "astro", 4, 4, 64.0, 30)
@@ -113,17 +116,17 @@ def test_profile_then_flags(tmp_path, monkeypatch):
     toml = tmp_path / "cluster.toml"
     toml.write_text('partition = "a100"\ncpus_per_task = 8\nheartbeat_s = 0\n')
     monkeypatch.setenv("GALAXYGEN_SLURM_PROFILE", str(toml))
-    opts = slurm.options_from_args(parser.parse_args([]))
+    opts = slurm_options.options_from_args(parser.parse_args([]))
     assert (opts.partition, opts.cpus_per_task, opts.heartbeat_s, opts.tasks) == ("a100", 8, 0.0, 1)
-    assert slurm.options_from_args(parser.parse_args(["--slurm-no-snapshot"])).snapshot is False
+    assert slurm_options.options_from_args(parser.parse_args(["--slurm-no-snapshot"])).snapshot is False
 
     toml.write_text('partitoin = "a100"\n')
     with pytest.raises(SlurmOptionsError, match="unknown SLURM option 'partitoin': allowed nodes, "):
-        slurm.options_from_args(parser.parse_args([]))
+        slurm_options.options_from_args(parser.parse_args([]))
     with pytest.raises(SlurmOptionsError, match=r"invalid SLURM option nodes=0: allowed an integer >= 1"):
         SlurmOptions(nodes=0)
     with pytest.raises(SlurmOptionsError, match="does not exist"):
-        slurm.load_profile(tmp_path / "missing.yaml")
+        slurm_options.load_profile(tmp_path / "missing.yaml")
     with pytest.raises(SlurmOptionsError, match="invalid sbatch line"):
         SlurmOptions(sbatch=("--=FAIL",))
 
@@ -136,7 +139,7 @@ def test_launcher_accepts_the_slurm_flags(tmp_path, monkeypatch):
 
     args = build_parser().parse_args(["dropout", "--backend", "slurm", "--gpus-per-node", "2", "--partition", "p",
                                       "--sbatch", "#SBATCH --exclusive"])
-    opts = slurm.options_from_args(args)
+    opts = slurm_options.options_from_args(args)
     assert (opts.gpus_per_node, opts.tasks, opts.partition, opts.sbatch) == (2, 2, "p", ("#SBATCH --exclusive",))
 
 
@@ -149,7 +152,7 @@ def test_sbatch_script_golden():
                         sbatch=("--mail-type=FAIL", "#SBATCH --exclusive"), setup=("module load cuda/12.4",))
     driver = Driver("login1:42", "/home/me/galaxygen", "/home/me/galaxygen/.venv/bin/python", {},
                     "/scratch/me/results/search/code/0123456789ab")
-    params = slurm.executor_parameters(opts, driver, "search-abcdef0123")
+    params = slurm_job.executor_parameters(opts, driver, "search-abcdef0123")
     script = _make_sbatch_string(command="PYTHON -u -m submitit.core._submit FOLDER", folder="/f", **params)
     expected = """#!/bin/bash
 
@@ -189,6 +192,46 @@ PYTHON -u -m submitit.core._submit FOLDER
     assert script == expected.replace("\\\n", "")
 
 
+def test_options_and_the_job_side_are_ray_free_leaves():
+    """The job side and the options import neither Ray nor the Ray-side backend (no circle between them)."""
+    code = ("import sys, sweeps.slurm_options, sweeps.slurm_job, sweeps.evaluate; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') or m == 'sweeps.slurm'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_evaluation_jobs_follow_the_cluster_profile(tmp_path, monkeypatch):
+    """sweeps.evaluate: K morphology tasks and a merge job, shaped by the same profile as the trial jobs."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from sweeps import evaluate
+
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text("partition: cpu\naccount: astro\ngpus_per_node: 4\nnodes: 2\n"
+                       "setup: ['module load gcc']\nsbatch: ['--qos=short']\n")
+    monkeypatch.setenv("GALAXYGEN_SLURM_PROFILE", str(profile))
+    ckpt = tmp_path / "runs" / "t1" / "checkpoints" / "best.pt"
+    args = evaluate.build_parser().parse_args([str(ckpt), "--n", "500", "--shards", "3", "--shard-dir",
+                                               str(tmp_path / "s"), "--out", str(tmp_path / "r" / "sw")])
+    plan = evaluate.plan(args)
+    assert (plan.options.nodes, plan.options.gpus_per_node, plan.options.tasks, plan.options.cpus_per_task) == \
+        (1, 0, 1, evaluate.DEFAULT_CPUS)
+    assert [a[a.index("--shard") + 1] for a in plan.shards] == ["0/3", "1/3", "2/3"]
+    assert all(a[0] == str(ckpt) and "--out" not in a for a in plan.shards)
+    assert "--shard" not in plan.merge and plan.merge[plan.merge.index("--out") + 1] == str(tmp_path / "r" / "sw")
+    assert plan.merge[plan.merge.index("--shard-dir") + 1] == str(tmp_path / "s")
+    driver = Driver("login1:1", "/home/me", "/venv/bin/python", {}, str(tmp_path / "s" / "code" / "abc"))
+    script = _make_sbatch_string(command="CMD", folder="/f",
+                                 **slurm_job.executor_parameters(plan.options, driver, "galaxygen-eval-morph"))
+    for line in ("#SBATCH --partition=cpu", "#SBATCH --account=astro", "#SBATCH --qos=short", "module load gcc",
+                 f"export PYTHONPATH={tmp_path}/s/code/abc", "#SBATCH --cpus-per-task=2", "#SBATCH --nodes=1"):
+        assert line in script, script
+    assert "gpus" not in script
+    assert evaluate.main([str(ckpt), "--shards", "2", "--shard-dir", str(tmp_path / "s")]) == 2  # no checkpoint
+    assert not (tmp_path / "s").exists()
+
+
 def test_driver_environment_drops_slurm_and_ray_variables(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_MEM_PER_CPU", "100")
@@ -202,17 +245,17 @@ def test_driver_environment_drops_slurm_and_ray_variables(monkeypatch):
 
 def test_code_snapshot_is_a_content_addressed_copy(tmp_path):
     root = tmp_path / "src"
-    for pkg in slurm.PACKAGES:
+    for pkg in slurm_job.PACKAGES:
         shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "galaxygen" / "__pycache__").mkdir(exist_ok=True)
     (root / "galaxygen" / "__pycache__" / "x.pyc").write_bytes(b"junk")
-    first = slurm.snapshot_code(tmp_path / "code", root)
-    assert slurm.snapshot_code(tmp_path / "code", root) == first
+    first = slurm_job.snapshot_code(tmp_path / "code", root)
+    assert slurm_job.snapshot_code(tmp_path / "code", root) == first
     assert (first / "sweeps" / "slurm_job.py").read_text() == (REPO / "sweeps" / "slurm_job.py").read_text()
     assert not list(first.rglob("__pycache__")) and json.loads((first / "SNAPSHOT.json").read_text())["files"] > 10
     with open(root / "galaxygen" / "__init__.py", "a") as f:
         f.write("# edited while a sweep runs\n")
-    second = slurm.snapshot_code(tmp_path / "code", root)
+    second = slurm_job.snapshot_code(tmp_path / "code", root)
     assert second != first and "edited" not in (first / "galaxygen" / "__init__.py").read_text()
 
 
@@ -283,6 +326,70 @@ def test_sweep_sh_runs_a_tiny_dropout_sweep(cluster, blob_cache, tmp_path):
     assert not [j for j in squeue() if j[1] in names or j[0] == out.stdout.strip()], squeue()
 
 
+def sweep_driver(results: Path, blob_cache: Path, *args: str, sbatch: tuple[str, ...] = ()) -> str:
+    """Submit `sbatch slurm/sweep.sh search ...` (the driver as a SLURM job); returns its job id."""
+    cmd = ["sbatch", "--parsable", *sbatch, "--output", str(results / "driver-%j.out"), "slurm/sweep.sh", "search",
+           "--data", str(blob_cache), "--set", "batch_size=16", "--set", "log_every=4", "--results", str(results),
+           "--no-figures", "--eval-n", "0", "--slurm-poll-s", "1", "--slurm-squeue-s", "3", *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def sweep_jobs(store: ResultsStore, driver: str) -> list[tuple[str, str, str]]:
+    return [j for j in squeue() if j[0] == driver or j[1].startswith(f"{store.sweep}-")]
+
+
+@pytest.mark.slurm
+def test_a_requeued_driver_adopts_its_jobs_and_finishes_the_sweep(cluster, blob_cache, tmp_path):
+    """A driver job with a 2-minute limit (USR1 20 s before it) and a sweep that outlasts it: the driver
+    requeues itself, the next run adopts the trial jobs, and every trial runs exactly once."""
+    results = tmp_path / "results"
+    results.mkdir()
+    driver = sweep_driver(results, blob_cache, "--samples", "4", "--epochs", "10", "--seed", "3",
+                          sbatch=("--time=2", "--signal=B:USR1@20"))
+    store = ResultsStore(results, "search")
+    try:
+        wait_until(lambda: not [j for j in squeue() if j[0] == driver], 420, "the sweep driver to finish", interval=3)
+    finally:
+        subprocess.run(["scancel", driver], check=False)
+    log_text = "\n".join(p.read_text() for p in results.glob("driver-*.out"))
+    assert "sweep.sh: driver requeue" in log_text and "(restart 1)" in log_text, log_text[-5000:]
+    records = [json.loads(p.read_text()) for p in (results / "search" / "slurm_logs").glob("*/job.json")]
+    assert any(r.get("adopted") for r in records), records  # a later driver took over a running job
+    assert log_text.rstrip().endswith("driver exited with status 0 at " + log_text.rstrip().rsplit(" at ", 1)[1]), \
+        log_text[-3000:]
+    trials = store.trials()
+    assert len(trials) == 4, trials
+    # the seeded random search gave every driver the trial ids the launcher expected
+    assert set(trials["trial_id"]) == set(json.loads((store.dir / "sweep.json").read_text())["trials"])
+    for row in trials.itertuples():
+        assert row.status == "completed" or (row.status == "stopped" and row.stop_reason == "early"), trials
+        jobs = [p for p in (store.dir / "slurm_logs" / row.trial_id).iterdir() if p.is_dir()]
+        assert len(jobs) == 1, (row.trial_id, jobs)  # submitted once, by one driver
+        assert_clean_metrics(store, row.trial_id, int(row.epochs_done))
+    assert (trials["status"] == "completed").any()
+    assert not sweep_jobs(store, driver), squeue()
+
+
+@pytest.mark.slurm
+def test_cancel_ends_the_driver_and_every_trial_job(cluster, blob_cache, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    driver = sweep_driver(results, blob_cache, "--samples", "2", "--epochs", "200")
+    store = ResultsStore(results, "search")
+    try:
+        wait_until(lambda: len(list((store.dir / "slurm_logs").glob("*/job.json"))) == 2, 180, "two trial jobs")
+        out = run_launcher(["search", "--cancel"], results, timeout=120)
+        assert out.returncode == 0 and "cancelled 3 SLURM job(s)" in out.stdout, out.stdout + out.stderr
+        wait_until(lambda: not sweep_jobs(store, driver), 90, "the sweep's jobs to leave squeue")
+    finally:
+        subprocess.run(["scancel", driver], check=False)
+    trials = store.trials()
+    assert list(trials["status"]) == ["stopped"] * 2 and set(trials["stop_reason"]) == {"cancelled"}, trials
+    out = run_launcher(["no-such-sweep", "--cancel"], results, timeout=120)
+    assert out.returncode == 2 and "not a sweep's results folder" in out.stderr
+
+
 def ddp_probe(config: dict, results: str) -> dict:
     """Runs in each task of a 2-task job: train, then a digest of this rank's parameters."""
     from galaxygen import distributed
@@ -306,7 +413,7 @@ def test_two_task_job_trains_with_ddp_and_both_ranks_agree(cluster, blob_cache, 
     config = tiny_config(blob_cache, epochs=1).to_dict()
     opts = options(tasks_per_node=2, cpus_per_task=1, setup=(f"export PYTHONPATH={REPO}",))
     driver = Driver.here()
-    job = slurm.submit(functools.partial(ddp_probe, config, str(tmp_path)), tmp_path / "logs", opts, driver, "ddp")
+    job = slurm_job.submit(functools.partial(ddp_probe, config, str(tmp_path)), tmp_path / "logs", opts, driver, "ddp")
     assert job.tasks == 2
     wait_until(lambda: len(job.results()) == 2 or (job.outcome() or ("",))[0] == "failed" or job_gone(job.job_id), 240,
                "both tasks' results")
@@ -326,7 +433,7 @@ def test_two_task_job_trains_with_ddp_and_both_ranks_agree(cluster, blob_cache, 
 def test_usr2_requeues_and_the_trial_resumes_without_duplicates(cluster, blob_cache, tmp_path):
     epochs = 4
     poller = TrialPoller(tiny_config(blob_cache, epochs=epochs), tmp_path, "requeue", options(),
-                         Driver.here(slurm.snapshot_code(tmp_path / "requeue" / "code")))
+                         Driver.here(slurm_job.snapshot_code(tmp_path / "requeue" / "code")))
     poller.start()
     last_pt = poller.store.run_dir(poller.trial_id) / "checkpoints" / "last.pt"
     reports = []
@@ -372,7 +479,7 @@ def test_tune_early_stop_cancels_the_job_and_a_failing_job_records_its_traceback
     stopped, failed = trials.loc[str(blob_cache)], trials.loc[str(tmp_path / "no-such-cache")]
     assert failed["status"] == "failed"
     assert "Traceback" in failed["error"] and "CacheError" in failed["error"] and "submitit" in failed["error"]
-    assert stopped["status"] == "stopped" and stopped["epochs_done"] < 30
+    assert stopped["status"] == "stopped" and stopped["stop_reason"] == "early" and stopped["epochs_done"] < 30
     wait_until(lambda: job_gone(str(stopped["job_id"])), 60, f"job {stopped['job_id']} to leave squeue")
     states = {jid: state for jid, _, state in squeue("-t", "all")}
     assert states.get(str(stopped["job_id"]), "CANCELLED") == "CANCELLED"
@@ -382,11 +489,11 @@ def test_tune_early_stop_cancels_the_job_and_a_failing_job_records_its_traceback
 @pytest.mark.slurm
 def test_a_job_whose_driver_is_gone_cancels_itself(cluster, blob_cache, tmp_path):
     poller = TrialPoller(tiny_config(blob_cache, epochs=200), tmp_path, "orphan", options(heartbeat_s=3.0),
-                         Driver.here(slurm.snapshot_code(tmp_path / "orphan" / "code")))
+                         Driver.here(slurm_job.snapshot_code(tmp_path / "orphan" / "code")))
     poller.start()  # ... and never polls again, like a driver killed with SIGKILL
     wait_until(lambda: job_gone(poller.job.job_id), 150, "the orphaned job to cancel itself")
     row = poller.store.read_trial(poller.trial_id)
-    assert row["status"] == "stopped" and "heartbeat" in row["error"], row
+    assert row["status"] == "stopped" and row["stop_reason"] == "orphaned" and "heartbeat" in row["error"], row
     assert len(poller.store.metrics(poller.trial_id)["epoch"].unique()) < 200
     states = {jid: state for jid, _, state in squeue("-t", "all")}
     assert states.get(poller.job.job_id, "CANCELLED") == "CANCELLED"
@@ -394,15 +501,69 @@ def test_a_job_whose_driver_is_gone_cancels_itself(cluster, blob_cache, tmp_path
 
 @pytest.mark.slurm
 def test_driver_exit_cancels_its_unfinished_jobs(cluster, blob_cache, tmp_path):
-    driver = Driver.here(slurm.snapshot_code(tmp_path / "exit" / "code"))
+    driver = Driver.here(slurm_job.snapshot_code(tmp_path / "exit" / "code"))
     poller = TrialPoller(tiny_config(blob_cache, epochs=200), tmp_path, "exit", options(), driver)
     poller.start()
-    other = Driver("elsewhere:1", driver.cwd, driver.python, driver.environ, driver.code)
-    assert slurm.cancel_driver_jobs(tmp_path / "exit", other.tag) == []
-    assert slurm.cancel_driver_jobs(tmp_path / "exit", driver.tag) == [poller.job.job_id]
+    life = slurm.DriverLife(poller.store, Driver("elsewhere:1", driver.cwd, driver.python, driver.environ,
+                                                driver.code), options())
+    life.at_exit()  # another driver's exit leaves this driver's job alone
+    assert not json.loads((poller.dir / "job.json").read_text()).get("finished")
+    life = slurm.DriverLife(poller.store, driver, options())
+    life.at_exit()
     wait_until(lambda: job_gone(poller.job.job_id), 60, "the cancelled job to leave squeue")
-    assert poller.store.read_trial(poller.trial_id)["status"] == "stopped"
+    row = poller.store.read_trial(poller.trial_id)
+    assert (row["status"], row["stop_reason"], row["error"]) == ("stopped", "cancelled", "the sweep driver exited")
     assert json.loads((poller.dir / "job.json").read_text())["finished"] is True
+
+
+def counting_shims(folder: Path, *commands: str) -> dict[str, str]:
+    """Scripts named like the SLURM commands that log each call to folder/<command>.calls and run the real one;
+    returns an environment with them first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in commands:
+        shim = folder / command
+        shim.write_text(f"#!/bin/sh\necho \"$*\" >> {folder / command}.calls\nexec {shutil.which(command)} \"$@\"\n")
+        shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def poll_squeue(logs: str, job_ids: list[str], seconds: float) -> dict[str, str | None]:
+    """One trial's poller, in its own process: ask the shared snapshot about its job every 0.1 s."""
+    snap = slurm_job.SqueueSnapshot(Path(logs), max_age_s=2.0)
+    deadline = time.monotonic() + seconds
+    states = {}
+    while time.monotonic() < deadline:
+        states = {job_id: snap.state(job_id) for job_id in job_ids}
+        time.sleep(0.1)
+    return states
+
+
+@pytest.mark.slurm
+def test_one_squeue_per_interval_for_all_pollers(cluster, tmp_path, monkeypatch):
+    import concurrent.futures
+
+    env = counting_shims(tmp_path / "bin", "squeue")
+    monkeypatch.setenv("PATH", env["PATH"])
+    logs = tmp_path / "slurm_logs"
+    jobs = [subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 60"], capture_output=True,
+                           text=True, check=True).stdout.strip().split(";")[0] for _ in range(2)]
+    try:
+        for i, job_id in enumerate([*jobs, "999999"]):
+            atomic_write_json({"job_id": job_id, "folder": str(tmp_path), "trial_id":
+                              f"trial{i}", "finished": False}, logs / f"trial{i}" / "job.json")
+        atomic_write_json({"job_id": "999998", "folder": str(tmp_path), "finished": True}, logs / "done" / "job.json")
+        with concurrent.futures.ProcessPoolExecutor(6) as pool:
+            futures = [pool.submit(poll_squeue, str(logs), [*jobs, "999999"], 7.0) for _ in range(6)]
+            states = [f.result() for f in futures]
+    finally:
+        subprocess.run(["scancel", *jobs], check=False)
+    calls = (tmp_path / "bin" / "squeue.calls").read_text().splitlines()
+    # 6 pollers x 70 polls over 7 s with a 2 s interval: one call per interval for all of them
+    assert 2 <= len(calls) <= 6, calls
+    assert all(call.count(",") == 2 and "999998" not in call for call in calls), calls  # one call, all live jobs
+    for seen in states:
+        assert seen[jobs[0]] in ("PENDING", "RUNNING") and seen[jobs[1]] in ("PENDING", "RUNNING")
+        assert seen["999999"] is None
 
 
 @pytest.mark.slurm

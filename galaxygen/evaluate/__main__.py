@@ -1,7 +1,8 @@
 """`python -m galaxygen.evaluate CKPT`: sample-quality metrics of a checkpoint beside the baselines.
 
-On SLURM, `--slurm-array K --shard-dir DIR` splits the statmorph measurement over a K-task job array
-(each task runs `--shard I/K`) and submits a dependent job that merges the shards and evaluates.
+`--shard I/K --shard-dir DIR` measures one K-th of the statmorph morphology into DIR; `--shard-dir DIR`
+alone merges a complete set of shards and evaluates. `python -m sweeps.evaluate CKPT --shards K ...` runs the
+shards as a SLURM job array and the merge as a dependent job, shaped by the cluster profile.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import logging
 import math
 import os
 import re
-import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=shard_spec, default=None, help="I/K: only measure shard I of K of the "
                    "morphology into --shard-dir (a SLURM array task)")
     p.add_argument("--shard-dir", default="", help="folder of morphology shards; without --shard, merge them")
-    p.add_argument("--slurm-array", type=positive, default=0, metavar="K", help="submit a K-task SLURM job array "
-                   "measuring the morphology, then a dependent merge-and-evaluate job")
-    p.add_argument("--cpus-per-task", type=positive, default=2, help="CPUs per SLURM array task (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -126,56 +121,26 @@ def merged_shards(folder: Path, n: int, seed: int) -> pd.DataFrame | None:
     return table
 
 
-def slurm_scripts(args, data: str, folder: Path) -> tuple[str, str]:
-    """The sbatch scripts of the morphology array and of the merge job."""
-    common = [sys.executable, "-m", "galaxygen.evaluate", str(Path(args.checkpoint).resolve()), "--data", data,
-              "--n", str(args.n), "--seed", str(args.seed), "--shard-dir", str(folder), "--no-progress"]
-    if args.inception:
-        common += ["--inception", str(Path(args.inception).resolve())]
-    cmd = shlex.join(common)
-    head = "#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --cpus-per-task={cpus}\n#SBATCH --output={out}\n"
-    array = head.format(name="gg-eval-morph", cpus=args.cpus_per_task, out=folder / "morph-%a.log")
-    array += f"#SBATCH --array=0-{args.slurm_array - 1}\n\n"
-    array += f"{cmd} --workers {args.cpus_per_task} --shard \"$SLURM_ARRAY_TASK_ID/{args.slurm_array}\"\n"
-    merge = head.format(name="gg-eval-merge", cpus=args.cpus_per_task, out=folder / "merge.log") + "\n"
-    extra = [*(["--out", str(Path(args.out).resolve())] if args.out else []),
-             *(["--trial", args.trial] if args.trial else []),
-             *(["--json", str(Path(args.json).resolve())] if args.json else [])]
-    merge += f"{cmd} --workers {args.cpus_per_task} {shlex.join(extra)}\n".replace(" \n", "\n")
-    return array, merge
-
-
-def submit_array(args, data: str) -> int:
-    folder = Path(args.shard_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    array, merge = slurm_scripts(args, data, folder)
-    (folder / "morph-array.sbatch").write_text(array)
-    (folder / "merge.sbatch").write_text(merge)
-    if not shutil.which("sbatch"):
-        print(f"sbatch not found; submit by hand:\n  jid=$(sbatch --parsable {folder / 'morph-array.sbatch'})\n"
-              f"  sbatch --dependency=afterok:$jid {folder / 'merge.sbatch'}")
-        return 0
-    jid = subprocess.run(["sbatch", "--parsable", str(folder / "morph-array.sbatch")], check=True,
-                         capture_output=True, text=True).stdout.strip().split(";")[0]
-    mid = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{jid}", str(folder / "merge.sbatch")],
-                         check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
-    print(f"submitted morphology array {jid} ({args.slurm_array} tasks) and merge job {mid}; results in {folder}")
-    return 0
+def input_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the checkpoint and weights files given, or None."""
+    if not Path(args.checkpoint).is_file():
+        return f"checkpoint {args.checkpoint} does not exist"
+    if args.inception and not Path(args.inception).is_file():
+        return f"--inception {args.inception} is not a file"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if (args.shard or args.slurm_array) and not args.shard_dir:
-        print("error: --shard and --slurm-array need --shard-dir DIR", file=sys.stderr)
+    if args.shard and not args.shard_dir:
+        print("error: --shard needs --shard-dir DIR", file=sys.stderr)
+        return 2
+    problem = input_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        print(f"error: checkpoint {checkpoint} does not exist", file=sys.stderr)
-        return 2
-    if args.inception and not Path(args.inception).is_file():
-        print(f"error: --inception {args.inception} is not a file", file=sys.stderr)
-        return 2
     from galaxygen import evaluate
     from galaxygen.checkpoint import load, load_model
     from galaxygen.data import CacheError
@@ -187,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CacheError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.slurm_array:
-        return submit_array(args, str(Path(cache.path).resolve()))
     progress = not args.no_progress
     ref = Reference(cache, args.n, args.workers, progress, args.inception or None)
     if args.shard:
