@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from galaxygen.config import to_bool
+from galaxygen.config import parse_value
 
 
 class SlurmOptionsError(ValueError):
@@ -90,22 +90,16 @@ class SlurmOptions:
 
 
 def coerce(key: str, hint: str, value: Any) -> Any:
-    """A profile or flag value as the option's type (`hint` is the dataclass field's annotation)."""
+    """A profile or flag value as the option's type (`hint` is the dataclass field's annotation), by the
+    project's one value coercion (galaxygen.config.parse_value)."""
     if value is None:
         return None
     try:
         if hint.startswith("tuple"):
             return tuple(str(v) for v in ([value] if isinstance(value, str) else value))
-        if hint.startswith("bool"):
-            return to_bool(value)
-        if hint.startswith("int"):
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if hint.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        typ = next(t for t in (bool, int, float, str) if hint.startswith(t.__name__))
+        return parse_value(typ, value)
+    except (TypeError, ValueError, OverflowError):
         raise SlurmOptionsError(f"invalid SLURM option {key}={value!r}: expected {hint}") from None
 
 
