@@ -250,6 +250,16 @@ class ResultsStore:
         """slurm_logs/<trial_id>/job.json: the trial's current SLURM job (id, submitit folder, driver)."""
         return self.slurm_dir(trial_id) / "job.json"
 
+    def job_records(self) -> list[Path]:
+        """Every trial's slurm_logs/<trial_id>/job.json that exists, sorted."""
+        root = self.slurm_root()
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and TRIAL_ID.match(p.name)) if root.is_dir() else []
+        return [self.job_record(name) for name in folders if self.job_record(name).is_file()]
+
+    def squeue_path(self) -> Path:
+        """slurm_logs/squeue.json: the latest squeue snapshot of the sweep's jobs, shared by all its pollers."""
+        return self.slurm_root() / "squeue.json"
+
     def lock_path(self) -> Path:
         """launcher.lock: host and pid of the launcher running the sweep, flock-ed while it runs."""
         return self.dir / "launcher.lock"
