@@ -90,7 +90,7 @@ def latencies(store: ResultsStore) -> pd.DataFrame:
     """Per trial: sbatch time, training start, first metric written and first metric reported."""
     trials = store.trials().set_index("trial_id")
     rows = []
-    for path in sorted((store.dir / "slurm_logs").glob("*/job.json")):
+    for path in store.job_records():
         job = json.loads(path.read_text())
         tid = job["trial_id"]
         first = store.metrics(tid)

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per trial (default {DEFAULT_EPOCHS})")
     p.add_argument("--model", help="base model (default cnn, the report's Table III; mlp2 for the MLP studies)")
     p.add_argument("--results", default="results", help="results folder (default ./results)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / --cpus-per-trial; on SLURM, "
+                   "trial jobs in flight: max_jobs of the cluster profile, else every trial)")
     p.add_argument("--cpus-per-trial", type=int, default=1, help="CPU threads per local trial (default 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per local trial (default 0)")
     p.add_argument("--samples", type=int, help="samples of the search space (default: the sweep's own)")
@@ -228,8 +229,8 @@ def cancel(results: Path, name: str | None) -> int:
     from sweeps.slurm_job import cancel_sweep
 
     store = ResultsStore(results, name or "")
-    if not name or not (store.dir / "sweep.json").is_file():
-        print(f"error: {store.dir} is not a sweep's results folder (no sweep.json): give the sweep's NAME and "
+    if not name or not store.is_sweep():
+        print(f"error: {store.dir} is not a sweep's results folder: give the sweep's NAME and "
               "--results DIR", file=sys.stderr)
         return 2
     cancelled = cancel_sweep(store)

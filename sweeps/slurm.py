@@ -87,10 +87,9 @@ class TrialPoller:
         self.trial_id = trial_id or self.config.signature()
         self.store = ResultsStore(results, sweep)
         self.options, self.driver = options, driver
-        self.logs = self.store.slurm_root()
         self.dir = self.store.slurm_dir(self.trial_id)
         self.heartbeat = self.dir / HEARTBEAT
-        self.squeue = SqueueSnapshot(self.logs, options.squeue_s)
+        self.squeue = SqueueSnapshot(self.store, options.squeue_s)
         self.job: SlurmJobRef | None = None
         self.final: dict | None = None  # the trial's row when it needs no more work
         self.last_epoch = 0
@@ -313,7 +312,6 @@ class DriverLife:
 
     def __init__(self, store: ResultsStore, driver: Driver, options: SlurmOptions):
         self.store, self.driver, self.options = store, driver, options
-        self.logs = store.slurm_root()
         self.stopping: str | None = None
 
     def interrupted(self, why: str) -> None:
@@ -325,13 +323,13 @@ class DriverLife:
             self.detach(why)
         else:
             log.warning("%s: cancelling this driver's SLURM jobs and stopping the sweep", why)
-            cancel_jobs(self.store, self.logs, CANCELLED, f"the sweep driver was interrupted ({why})",
+            cancel_jobs(self.store, CANCELLED, f"the sweep driver was interrupted ({why})",
                         driver=self.driver.tag, wait_s=0)
 
     def detach(self, why: str) -> None:
         """Exit at once, without Tune's graceful stop (which would cancel the trials' jobs): Ray's processes go
         with the driver, the trial jobs keep running, and their rows stay as they are for the next driver."""
-        running = [r["job_id"] for _, r in job_records(self.logs)
+        running = [r["job_id"] for _, r in job_records(self.store)
                    if r.get("driver") == self.driver.tag and not r.get("finished")]
         log.warning("%s: the driver (SLURM job %s) detaches; its %d trial job(s) keep running (%s) for the next "
                     "driver to adopt within %.0f s", why, self.driver.batch_job, len(running), ", ".join(running)
@@ -341,7 +339,7 @@ class DriverLife:
         os._exit(143)
 
     def at_exit(self) -> None:
-        ids = cancel_jobs(self.store, self.logs, CANCELLED, "the sweep driver exited", driver=self.driver.tag)
+        ids = cancel_jobs(self.store, CANCELLED, "the sweep driver exited", driver=self.driver.tag)
         if ids:
             log.warning("driver exit: cancelled SLURM job(s) %s", ", ".join(ids))
 

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sweeps.slurm_job")
 
 HEARTBEAT = "heartbeat"
-SQUEUE = "squeue.json"
 PACKAGES = ("galaxygen", "sweeps", "analysis")
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
@@ -383,16 +382,17 @@ def scancel(*job_ids: str) -> None:
 
 class SqueueSnapshot:
     """The SLURM state of every unfinished job of a sweep, from ONE `squeue` call per `max_age_s`, shared by all
-    its pollers (each trial polls in its own Ray worker process) through slurm_logs/squeue.json.
+    its pollers (each trial polls in its own Ray worker process) through slurm_logs/squeue.json
+    (`ResultsStore.squeue_path`).
 
     Whichever poller first finds the file older than `max_age_s` takes an fcntl lock, asks
     `squeue --jobs=<every unfinished job id in slurm_logs/*/job.json>` and rewrites the file atomically; the
     others read it. A job submitted after the snapshot counts as alive until the next one asks about it.
     """
 
-    def __init__(self, logs: Path, max_age_s: float):
-        self.logs = Path(logs)
-        self.path = self.logs / SQUEUE
+    def __init__(self, store: ResultsStore, max_age_s: float):
+        self.store = store
+        self.path = store.squeue_path()
         self.max_age_s = max_age_s
 
     def read(self) -> dict | None:
@@ -409,8 +409,8 @@ class SqueueSnapshot:
         snap = self.read()
         if self.fresh(snap):
             return snap
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / ".squeue.lock", "a") as lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / f".{self.path.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             snap = self.read()  # another poller may have refreshed it while we waited for the lock
             if not self.fresh(snap):
@@ -420,7 +420,7 @@ class SqueueSnapshot:
     def refresh(self) -> dict:
         from galaxygen.results import atomic_write_json
 
-        ids = sorted(unfinished_jobs(self.logs), key=lambda j: (len(j), j))
+        ids = sorted(unfinished_jobs(self.store), key=lambda j: (len(j), j))
         snap: dict[str, Any] = {"time": time.time(), "asked": ids, "jobs": {}, "ok": True}
         if ids:
             try:
@@ -447,25 +447,25 @@ class SqueueSnapshot:
         return self.state(job_id) in ACTIVE_STATES | {"UNKNOWN"}
 
 
-def job_records(logs: Path) -> Iterator[tuple[Path, dict]]:
+def job_records(store: ResultsStore) -> Iterator[tuple[Path, dict]]:
     """(path, record) of every trial's slurm_logs/<trial>/job.json."""
-    for path in sorted(Path(logs).glob("*/job.json")):
+    for path in store.job_records():
         try:
             yield path, json.loads(path.read_text())
         except (OSError, ValueError):
             continue
 
 
-def unfinished_jobs(logs: Path) -> list[str]:
-    return [r["job_id"] for _, r in job_records(logs) if r.get("job_id") and not r.get("finished")]
+def unfinished_jobs(store: ResultsStore) -> list[str]:
+    return [r["job_id"] for _, r in job_records(store) if r.get("job_id") and not r.get("finished")]
 
 
-def cancel_jobs(store: ResultsStore, logs: Path, reason: str, detail: str, driver: str | None = None,
+def cancel_jobs(store: ResultsStore, reason: str, detail: str, driver: str | None = None,
                 wait_s: float = 30.0) -> list[str]:
-    """Cancel every unfinished trial job recorded under `logs` (only `driver`'s, when given), mark the jobs
-    finished and their trials stopped with `reason`; returns the cancelled job ids."""
+    """Cancel every unfinished trial job of the sweep (only `driver`'s, when given), mark the jobs finished and
+    their trials stopped with `reason`; returns the cancelled job ids."""
     cancelled = []
-    for path, record in job_records(logs):
+    for path, record in job_records(store):
         if record.get("finished") or not record.get("job_id") or driver not in (None, record.get("driver")):
             continue
         job = SlurmJobRef(record["job_id"], record["folder"], record.get("tasks", 1))
@@ -486,7 +486,6 @@ def cancel_jobs(store: ResultsStore, logs: Path, reason: str, detail: str, drive
 def cancel_sweep(store: ResultsStore) -> list[str]:
     """`sweeps.launch NAME --cancel`: cancel the sweep's drivers that run as SLURM jobs (so none requeues
     itself) and every unfinished trial job of every driver; their trials are recorded stopped ("cancelled")."""
-    logs = store.slurm_root()
-    drivers = sorted({r.get("batch_job") for _, r in job_records(logs)} - {None})
+    drivers = sorted({r.get("batch_job") for _, r in job_records(store)} - {None})
     scancel(*drivers)
-    return drivers + cancel_jobs(store, logs, CANCELLED, "cancelled with sweeps.launch --cancel")
+    return drivers + cancel_jobs(store, CANCELLED, "cancelled with sweeps.launch --cancel")

@@ -527,9 +527,9 @@ def counting_shims(folder: Path, *commands: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
 
-def poll_squeue(logs: str, job_ids: list[str], seconds: float) -> dict[str, str | None]:
+def poll_squeue(results: str, job_ids: list[str], seconds: float) -> dict[str, str | None]:
     """One trial's poller, in its own process: ask the shared snapshot about its job every 0.1 s."""
-    snap = slurm_job.SqueueSnapshot(Path(logs), max_age_s=2.0)
+    snap = slurm_job.SqueueSnapshot(ResultsStore(results, "sw"), max_age_s=2.0)
     deadline = time.monotonic() + seconds
     states = {}
     while time.monotonic() < deadline:
@@ -544,16 +544,16 @@ def test_one_squeue_per_interval_for_all_pollers(cluster, tmp_path, monkeypatch)
 
     env = counting_shims(tmp_path / "bin", "squeue")
     monkeypatch.setenv("PATH", env["PATH"])
-    logs = tmp_path / "slurm_logs"
+    store = ResultsStore(tmp_path, "sw")
     jobs = [subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 60"], capture_output=True,
                            text=True, check=True).stdout.strip().split(";")[0] for _ in range(2)]
     try:
         for i, job_id in enumerate([*jobs, "999999"]):
-            atomic_write_json({"job_id": job_id, "folder": str(tmp_path), "trial_id":
-                              f"trial{i}", "finished": False}, logs / f"trial{i}" / "job.json")
-        atomic_write_json({"job_id": "999998", "folder": str(tmp_path), "finished": True}, logs / "done" / "job.json")
+            atomic_write_json({"job_id": job_id, "folder": str(tmp_path), "trial_id": f"trial{i}", "finished": False},
+                              store.job_record(f"trial{i}"))
+        atomic_write_json({"job_id": "999998", "folder": str(tmp_path), "finished": True}, store.job_record("done"))
         with concurrent.futures.ProcessPoolExecutor(6) as pool:
-            futures = [pool.submit(poll_squeue, str(logs), [*jobs, "999999"], 7.0) for _ in range(6)]
+            futures = [pool.submit(poll_squeue, str(tmp_path), [*jobs, "999999"], 7.0) for _ in range(6)]
             states = [f.result() for f in futures]
     finally:
         subprocess.run(["scancel", *jobs], check=False)
