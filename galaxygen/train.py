@@ -285,13 +285,16 @@ class Trainer:
         if main:
             if self.config.eval_n:
                 self.evaluate()
-            if not summary:
+            trained = bool(summary)
+            if not trained:  # resumed after its last epoch (e.g. killed during evaluation): nothing was reported
                 summary = epoch_report(self.store.metrics(self.trial_id), self.epoch)
             self.writer.add_hparams(hparams(self.config), {f"hparam/{k}": v for k, v in summary.items() if k != "epoch"},
                                     run_name=".")
             self.writer.close()
             self.store.write_trial(self.trial_id, status="completed", end_time=time.time(), epochs_done=self.epoch,
                                    best_val_loss=self.best)
+            if not trained and report is not None:
+                report(summary)
         return summary
 
     def evaluate(self) -> None:

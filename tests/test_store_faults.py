@@ -3,6 +3,7 @@ naming the file or key, readers never die on one bad file, and the launcher's re
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -19,8 +20,8 @@ from galaxygen.data import Cache, CacheError
 from galaxygen.results import ResultsStore, load
 from galaxygen.train import run
 from sweeps import status
-
-from .test_status import make_sweep
+from tests.conftest import run_launcher
+from tests.test_status import make_sweep
 
 
 def truncate(path, keep: float = 0.5) -> None:
@@ -83,6 +84,27 @@ def test_repair_rewrites_a_part_from_the_checkpoint_or_retrains_to_the_same_metr
     assert after[order].equals(before[order])
     np.testing.assert_allclose(after[keep].value, before[keep].value, rtol=1e-5)
     assert store.read_trial("t")["status"] == "completed"
+
+
+def test_the_launcher_repairs_bad_parts_and_finishes_the_sweep(tiny_sweep, tmp_path):
+    shutil.copytree(tiny_sweep, tmp_path / tiny_sweep.name, ignore=shutil.ignore_patterns("ray", "report"))
+    store = ResultsStore(tmp_path, tiny_sweep.name)
+    first, second = sorted(store.trials()["trial_id"])
+    before = store.metrics()
+    truncate(store.epoch_path(first, 2))  # the last epoch: its rows are in the last checkpoint
+    garbage(store.part_path(second, "eval"))  # the evaluation: measured again
+    (store.metrics_dir(first) / "epoch-00001 (copy).parquet").write_bytes(store.epoch_path(first, 1).read_bytes())
+    command = json.loads(store.meta_path().read_text())["command"][1:]
+    i = command.index("--results")
+    proc = run_launcher(command[:i] + command[i + 2:], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("repaired ") == 2, proc.stderr[-3000:]
+    assert store.bad_parts() == [] and set(store.trials()["status"]) == {"completed"}
+    after = store.metrics()
+    key = ["trial_id", "epoch", "step", "split", "metric"]
+    assert not after.duplicated(key).any() and len(after) == len(before)
+    assert after.set_index(key).loc[first].sort_index().equals(before.set_index(key).loc[first].sort_index())
+    assert (after[after.trial_id == second]["split"] == "eval").any()
 
 
 # -- a corrupt cache --------------------------------------------------------------------------------------
