@@ -6,7 +6,7 @@ job waits, SLURM's reason; then a summary line with an ETA from the epoch times 
 
 States: pending, running, completed, failed, stopped as recorded; `lost` for a trial recorded as pending or
 running whose SLURM job is gone from squeue or whose local launcher is gone; `running?` when that cannot be
-checked from here (no squeue on this machine). SLURM is asked once per refresh, with one squeue call for all
+checked from here (no squeue on this machine, or no launcher lock file to test). SLURM is asked once per refresh, with one squeue call for all
 jobs, and only when squeue exists.
 
 Exit status: 0, or 2 for a folder that is not a sweep, 130 when --watch is interrupted.
@@ -72,12 +72,10 @@ def squeue(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
 
 
 def launcher_alive(store: ResultsStore) -> bool | None:
-    """True while a launcher holds the sweep's lock, False when none does, None when this cannot be told."""
-    path = store.lock_path()
+    """True while a launcher holds the sweep's lock; False when its lock file is left unlocked (the launcher
+    was killed); None when this cannot be told (no lock file, or a file system without locks)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
+        fd = os.open(store.lock_path(), os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -160,7 +158,7 @@ def check_liveness(store: ResultsStore, statuses: list[TrialStatus]) -> None:
                     s.state = "running"  # the job started; its first epoch is not written yet
         elif launcher is False and s.state == "running":
             s.state = "lost"
-            s.reason = "no launcher runs this sweep"
+            s.reason = "its launcher is gone"
         elif launcher is None and s.state == "running":
             s.state = "running?"
 

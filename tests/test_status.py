@@ -61,6 +61,8 @@ def test_states_epochs_losses_and_eta_from_the_folder_alone(tmp_path):
 
 def test_a_running_trial_whose_launcher_died_is_lost(tmp_path):
     store = make_sweep(tmp_path)
+    assert by_id(status.collect(store)[0])["run"].state == "running?", "no lock file: cannot tell"
+    store.lock_path().write_text('{"host": "h", "pid": 1}')  # what a launcher killed with -9 leaves: unlocked
     rows = by_id(status.collect(store)[0])
     assert rows["run"].state == "lost" and "launcher" in rows["run"].reason
     assert rows["wait"].state == "pending"
