@@ -20,7 +20,8 @@ Layout under RESULTS/SWEEP/ (every path comes from a `ResultsStore` method; noth
     report/                            figures and report.html                       report_dir()
     ray/                               Ray Tune's own state                          ray_dir()
 
-Writers: write_trial, write_metrics (a named part), write_epoch, write_eval, clear_metrics.
+Writers: write_trial, write_metrics (a named part), write_epoch, write_eval, clear_metrics; remove_stale
+removes the temporaries of killed writers.
 Readers: read_trial, trials, metrics, epochs, read_epoch, load(); bad_parts() lists unreadable files.
 
 Readers read only what the store wrote: names that are not the store's own (notes, editor backups,
@@ -29,7 +30,7 @@ is reported once (naming it) and skipped, so one bad file never breaks a reader.
 
 Every file is written to a hidden temporary name and renamed into place, so readers (pandas,
 pyarrow.dataset, duckdb) never see a partial file, and a killed writer leaves only a hidden
-temporary that readers ignore. One writer per trial (rank 0).
+temporary that readers ignore and the next launcher or trial removes. One writer per trial (rank 0).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from galaxygen import staging
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +152,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a hidden temporary path beside `path` to write to; then fsync it and rename it over `path`.
 
     Readers see the old file or the new one, never a partial one; a writer killed mid-write leaves only
-    a hidden temporary, which pyarrow.dataset and ResultsStore skip. `suffix` keeps writers that append
-    their own extension (np.save, np.savez) on the temporary name.
+    a hidden temporary named by its host and pid (`galaxygen.staging.temporary`), which pyarrow.dataset and
+    ResultsStore skip and `ResultsStore.remove_stale` removes once its process is gone. `suffix` keeps
+    writers that append their own extension (np.save, np.savez) on the temporary name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}{suffix}"
+    tmp = staging.temporary(path, suffix=suffix)
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -274,6 +278,16 @@ class ResultsStore:
         return self.dir / "ray"
 
     # -- writing --------------------------------------------------------------------------------------------
+    def remove_stale(self, trial_id: str | None = None) -> list[Path]:
+        """Remove the temporaries that killed writers of this host left (see atomic_path): in the whole sweep
+        (the launcher, before it runs a sweep; Ray Tune's own ray/ folder aside), or in one trial's files
+        (a trial, before it writes). Temporaries of running writers and of other hosts are left alone."""
+        if trial_id is None:
+            return staging.remove_stale(self.dir, recursive=True, skip=(self.ray_dir().name,))
+        return (staging.remove_stale(self.trials_dir(), name=self.trial_path(trial_id).name)
+                + staging.remove_stale(self.metrics_dir(trial_id))
+                + staging.remove_stale(self.run_dir(trial_id), recursive=True))
+
     def write_trial(self, trial_id: str, **fields) -> dict:
         """Create or update a trial's row (fields are merged into the existing row)."""
         row = self.read_trial(trial_id) or {"trial_id": trial_id, "sweep": self.sweep, "error": None, "job_id": None}

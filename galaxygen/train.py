@@ -426,6 +426,8 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
         if report is not None and env.is_main:
             report(summary)
         return summary
+    if env.is_main:
+        store.remove_stale(trial_id)  # temporaries of a killed earlier attempt of this trial
     device = distributed.setup(env)
     try:
         trainer = Trainer(config, store, trial_id, env, device)

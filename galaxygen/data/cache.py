@@ -2,8 +2,8 @@
 
 A cache is a folder. It is written into a hidden temporary sibling folder and renamed into place,
 so a reader never sees a half-written cache. The temporary's name holds the writer's host and pid
-(see `staging_dir`): a writer killed outright (kill -9, out of memory) cannot clean up, so every
-writer first removes the temporaries of dead processes of its host (`remove_stale_staging`).
+(`galaxygen.staging`): a writer killed outright (kill -9, out of memory) cannot clean up, so every
+writer first removes the temporaries of dead processes of its host (`galaxygen.staging.remove_stale`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pyarrow.lib import ArrowException
+
+from galaxygen.staging import remove_stale, temporary
 
 IMAGES = "images.npy"
 CATALOG = "catalog.parquet"
@@ -98,11 +98,11 @@ class CacheWriter:
 
     def __init__(self, out: str | os.PathLike, n: int, size: int):
         self.out = Path(out)
-        if self.out.exists() and any(self.out.iterdir()) and not self.exists(self.out):
+        if self.out.exists() and any(self.out.iterdir()) and not Cache.exists(self.out):
             raise CacheError(f"{self.out} exists and is not a galaxygen cache: refusing to replace it (choose another --out)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(self.out)
-        self.tmp = staging_dir(self.out)
+        remove_stale(self.out.parent, self.out.name)
+        self.tmp = temporary(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
         self.images = np.lib.format.open_memmap(self.tmp / IMAGES, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
@@ -188,59 +188,9 @@ def content_hash(images: np.ndarray, catalog: pd.DataFrame) -> str:
 def replace_dir(src: Path, dst: Path) -> None:
     """Move folder src to dst, replacing dst; the old dst is removed only after the new one is in place."""
     if dst.exists():
-        old = staging_dir(dst, "old")
+        old = temporary(dst, "old")
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-
-
-def staging_dir(out: Path, kind: str = "tmp") -> Path:
-    """This process's hidden temporary beside `out`: .<name>.<kind>-<host>-<pid>."""
-    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (a zombie counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
-def remove_stale_staging(out: Path) -> None:
-    """Remove the hidden temporaries beside `out` of dead processes of this host (kill -9, out of memory).
-
-    Temporaries of live processes (another writer of the same `out`, still at work) and of other hosts
-    (a shared file system; their processes cannot be checked from here) are left alone, with a warning.
-    Names without a host (older versions) count as this host's.
-    """
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)")
-    host = socket.gethostname()
-    try:
-        entries = sorted(out.parent.iterdir())
-    except FileNotFoundError:
-        return
-    for path in entries:
-        match = pattern.fullmatch(path.name)
-        if not match:
-            continue
-        owner, pid = match["host"] or host, int(match["pid"])
-        if owner != host:
-            log.warning("%s belongs to a writer on host %s (pid %d): left alone; remove it if no pack or synth "
-                        "runs there", path, owner, pid)
-        elif pid == os.getpid():
-            continue
-        elif process_alive(pid):
-            log.warning("%s belongs to process %d, still running: another writer of %s is at work (the last "
-                        "to finish wins)", path, pid, out)
-        else:
-            log.info("removing %s, left by process %d that is no longer running", path, pid)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)

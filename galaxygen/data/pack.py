@@ -45,7 +45,6 @@ from galaxygen.data.cache import (
     Cache,
     CacheError,
     CacheWriter,
-    remove_stale_staging,
 )
 from galaxygen.data.decode import (
     DECODER_VERSION,
@@ -58,6 +57,7 @@ from galaxygen.data.decode import (
 from galaxygen.data.sources import Source, open_source, unreadable_reason
 from galaxygen.data.workers import pool as worker_pool
 from galaxygen.splits import DEFAULT_FRACTIONS, check_fractions, split_of
+from galaxygen.staging import remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def pack(
     fp = fingerprint(src, options, stats)
     out = Path(out)
     check_out(out, src.path)
-    remove_stale_staging(out)  # also when the cache is up to date and no CacheWriter runs
+    remove_stale(out.parent, out.name)  # also when the cache is up to date and no CacheWriter runs
     if not force and up_to_date(out, fp):
         log.info("%s is up to date with %s (same files and options): not repacking", out, src.path)
         return out

@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from galaxygen.data.cache import CacheWriter, remove_stale_staging, replace_dir, staging_dir
+from galaxygen.data.cache import CacheWriter, replace_dir
 from galaxygen.data.synth_gz2 import asset_id, dr7objid, gz2_tables
 from galaxygen.data.synth_model import (
     CLASSES,
@@ -43,6 +43,7 @@ from galaxygen.data.synth_model import (
 from galaxygen.data.synth_render import render, to_rgb
 from galaxygen.data.workers import pool as worker_pool
 from galaxygen.splits import DEFAULT_FRACTIONS, check_fractions
+from galaxygen.staging import remove_stale, temporary
 
 __all__ = ["synthesize", "render_cache_image", "render_gz2_image", "sample_galaxy", "preview_grid", "LAYOUTS"]
 
@@ -163,8 +164,8 @@ def write_cache(out: Path, n: int, seed: int, size: int, workers: int, fractions
 def write_gz2(out: Path, n: int, seed: int, workers: int, fractions: tuple) -> Path:
     """Render 424 px JPEGs and the GZ2 tables into a temporary folder, then move it to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    tmp = staging_dir(out)
+    remove_stale(out.parent, out.name)
+    tmp = temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / IMAGE_DIR).mkdir(parents=True)
     try:

@@ -1,0 +1,75 @@
+"""Disk faults of a results folder: a full disk, a read-only folder, and the temporaries of killed writers."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from galaxygen.results import ResultsStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+WRITER = """
+import sys, time
+from galaxygen.results import ResultsStore, atomic_path
+store = ResultsStore(sys.argv[1], "sweep")
+with atomic_path(store.epoch_path("t1", 3)) as tmp:
+    tmp.write_bytes(b"half an epoch")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+def start_writer(results: Path) -> tuple[subprocess.Popen, Path]:
+    """A process writing a metrics part through atomic_path, stopped mid-write; its temporary."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(results)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    tmp = Path(proc.stdout.readline().strip())
+    assert tmp.is_file(), "the writer did not start writing"
+    return proc, tmp
+
+
+def test_temporaries_of_killed_writers_are_removed_when_the_store_opens(tmp_path):
+    store = ResultsStore(tmp_path, "sweep")
+    store.write_epoch("t1", 1, [{"step": 1, "epoch": 1, "split": "val", "metric": "loss", "value": 1.0}])
+    killed, stale = start_writer(tmp_path)
+    killed.kill()
+    assert killed.wait() == -signal.SIGKILL
+    live, running = start_writer(tmp_path)
+    elsewhere = store.metrics_dir("t1") / ".epoch-00002.parquet.tmp-another-host-1"  # a writer on another node
+    elsewhere.write_bytes(b"?")
+    try:
+        assert stale.is_file() and stale.name == f".epoch-00003.parquet.tmp-{socket.gethostname()}-{killed.pid}"
+        assert store.epochs("t1") == [1] and len(store.metrics()) == 1  # readers skip every temporary
+
+        assert store.remove_stale() == [stale]  # the launcher opening the sweep
+        assert not stale.exists() and running.is_file() and elsewhere.is_file()
+        assert store.epochs("t1") == [1] and len(store.metrics()) == 1
+    finally:
+        live.kill()
+        live.wait()
+    assert store.remove_stale("t1") == [running]  # a trial opening its own files
+    assert sorted(p.name for p in store.metrics_dir("t1").iterdir()) == sorted(["epoch-00001.parquet", elsewhere.name])
+
+
+def test_a_trial_removes_its_own_stale_temporaries_and_trains(tmp_path, blob_cache):
+    from galaxygen.config import TrainConfig
+    from galaxygen.train import run
+
+    config = TrainConfig.from_dict({"data": str(blob_cache), "model": "mlp1", "epochs": 1, "batch_size": 32,
+                                    "eval_n": 0}).resolved()
+    trial = config.signature()
+    store = ResultsStore(tmp_path, "sweep")
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    stale = [store.run_dir(trial) / "checkpoints" / f".last.pt.tmp-{socket.gethostname()}-{killed.pid}",
+             store.trials_dir() / f".{trial}.parquet.tmp-{killed.pid}"]  # a name without host: this host's
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    run(config, tmp_path, "sweep", trial)
+    assert not any(p.exists() for p in stale)
+    assert store.read_trial(trial)["status"] == "completed" and store.epochs(trial) == [1]
