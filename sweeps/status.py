@@ -186,7 +186,9 @@ def summary_line(statuses: list[TrialStatus], metrics: pd.DataFrame) -> str:
     per_epoch = epoch_seconds(metrics)
     remaining = sum(max(0, (s.epochs or s.epoch) - s.epoch) for s in statuses if s.state.rstrip("?") in
                     ("running", "pending"))
-    if remaining == 0:
+    if remaining == 0 and count["lost"]:
+        eta = "nothing is running: run the sweep's launch command again to finish the lost trials"
+    elif remaining == 0:
         eta = "nothing left to run" if count["running"] + count["pending"] == 0 else "ETA unknown"
     elif per_epoch is None:
         eta = f"{remaining} epochs left, ETA unknown (no epoch finished yet)"
