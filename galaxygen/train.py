@@ -32,7 +32,7 @@ from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
 from galaxygen.losses import elbo_loss, warmup_factor
 from galaxygen.models import build_model, memory_format
-from galaxygen.results import ResultsStore, atomic_write_json, epoch_report
+from galaxygen.results import ResultsStore, StoreError, atomic_write_json, check_trial_id, epoch_report
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                 values[key] = getattr(args, key)
         config = TrainConfig.from_dict(values).resolved()
         open_data(config, distributed.read_env().world_size, in_memory=False)
-    except (ConfigError, CacheError, OSError, json.JSONDecodeError) as err:
+        check_trial_id(args.trial_id or config.signature())
+    except (ConfigError, CacheError, StoreError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -242,3 +242,10 @@ def test_train_refuses_a_huge_model_at_once(tmp_path, blob_cache):
                           timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parameters" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_trial_id_that_would_leave_its_folder_is_refused_before_any_work(tmp_path, good_checkpoint, capsys):
+    from galaxygen.evaluate.__main__ import main as evaluate_main
+
+    assert evaluate_main([str(good_checkpoint), "--out", str(tmp_path / "sw"), "--trial", "../../etc"]) == 2
+    assert "invalid trial id" in capsys.readouterr().err and not (tmp_path / "sw").exists()

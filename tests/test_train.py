@@ -34,7 +34,8 @@ def tiny(blob_cache, **kw) -> TrainConfig:
                                      (["--set", "image_size=32"], "image_size=32: the cache"),
                                      (["--set", "data_count=10"], "batch_size=32: allowed at most the 10"),
                                      (["--model", "resvae", "--set", "image_size=48"], "power-of-two"),
-                                     (["--data", "MISSING"], "is not a galaxygen cache")])
+                                     (["--data", "MISSING"], "is not a galaxygen cache"),
+                                     (["--trial-id", "../elsewhere"], "invalid trial id")])
 def test_bad_config_fails_before_any_work(tmp_path, blob_cache, bad, key):
     bad = [str(tmp_path / "missing") if a == "MISSING" else a for a in bad]
     out = tmp_path / "results"

@@ -127,6 +127,13 @@ def input_error(args: argparse.Namespace) -> str | None:
         return f"checkpoint {args.checkpoint} does not exist"
     if args.inception and not Path(args.inception).is_file():
         return f"--inception {args.inception} is not a file"
+    if args.out:
+        from galaxygen.results import StoreError, check_trial_id
+
+        try:
+            check_trial_id(args.trial or trial_id_of(Path(args.checkpoint)))
+        except StoreError as err:
+            return f"--trial: {err}"
     return None
 
 
