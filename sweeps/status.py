@@ -220,11 +220,11 @@ def table(statuses: list[TrialStatus]) -> str:
 
 
 def render(store: ResultsStore) -> tuple[str, bool]:
-    """The table and summary, and whether every trial is finished."""
+    """The table and summary, and whether nothing is left running or queued (every trial finished or lost)."""
     statuses, metrics = collect(store)
     if not statuses:
         return f"{store.dir}: no trials recorded yet", False
-    done = all(s.state in FINAL for s in statuses)
+    done = all(s.state in (*FINAL, "lost") for s in statuses)
     return f"{table(statuses)}\n{summary_line(statuses, metrics)}", done
 
 
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sweeps.status", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="the sweep folder RESULTS/SWEEP")
-    p.add_argument("--watch", action="store_true", help="refresh until every trial has finished (Ctrl-C stops)")
+    p.add_argument("--watch", action="store_true", help="refresh until no trial is running or queued (Ctrl-C stops)")
     p.add_argument("--interval", type=positive_seconds, default=5.0, help="seconds between refreshes (default 5)")
     return p
 

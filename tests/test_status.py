@@ -67,7 +67,8 @@ def test_a_running_trial_whose_launcher_died_is_lost(tmp_path):
     assert rows["run"].state == "lost" and "launcher" in rows["run"].reason
     assert rows["wait"].state == "pending"
     store.write_trial("wait", status="stopped")
-    assert "launch command again to finish the lost trials" in status.render(store)[0]
+    text, done = status.render(store)
+    assert done and "launch command again to finish the lost trials" in text  # --watch stops: nothing runs
 
 
 def test_without_squeue_a_slurm_trial_is_marked_uncertain(tmp_path, monkeypatch):
