@@ -42,8 +42,8 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: Path, **payload) -> None:
     """Write a checkpoint atomically (temporary file + rename)."""
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError, not torch's
+        torch.save({"format_version": FORMAT_VERSION, **payload}, f)  # "enforce fail at inline_container.cc"
 
 
 class CheckpointError(ValueError):

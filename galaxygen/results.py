@@ -16,6 +16,8 @@ Layout under RESULTS/SWEEP/ (every path comes from a `ResultsStore` method; noth
                                                                                      checkpoint(t, "best"|"last"), tb_dir(t)
     slurm_logs/<trial_id>/             the SLURM backend's job records and logs      slurm_dir(t), job_record(t)
     launcher.lock                      host and pid of the running launcher          lock_path()
+    space.reserve                      disk space the launcher sets aside to record  reserve_path()
+                                       the trials' status on a full disk
     code/<hash>/                       code snapshots the SLURM jobs import          code_dir()
     report/                            figures and report.html                       report_dir()
     ray/                               Ray Tune's own state                          ray_dir()
@@ -35,13 +37,14 @@ temporary that readers ignore and the next launcher or trial removes. One writer
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,7 @@ METRIC_SCHEMA = pa.schema(
     ]
 )
 STATUSES = ("pending", "running", "completed", "failed", "stopped")
+RESERVE_PER_TRIAL = 64 * 1024  # space.reserve per trial: a trial's row is about 20 kB, with a traceback more
 
 # the names of the layout: renaming a file pattern is a one-line change here
 PARQUET = ".parquet"
@@ -80,6 +84,41 @@ EPOCH_NAME = re.compile(rf"^{re.escape(EPOCH_PREFIX)}(\d{{{EPOCH_DIGITS},}})$")
 
 class StoreError(ValueError):
     """A results folder or trial id this store cannot use; the message names it and what is allowed."""
+
+
+# the errors of a folder that takes no more writes, whatever is written: full, over quota, read-only, forbidden
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class WriteError(OSError):
+    """A results file that could not be written because of its folder (a full disk, a quota, a read-only or
+    forbidden folder); its message is one line naming the file: "no space left on device writing PATH"."""
+
+    def __str__(self) -> str:
+        text = self.strerror or "error"
+        return f"{text[:1].lower()}{text[1:]} writing {self.filename}"
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the OSError of a folder that takes no more writes (WRITE_ERRNOS) into a WriteError naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS and not isinstance(err, WriteError):
+            raise WriteError(err.errno, os.strerror(err.errno), str(path)) from err
+        raise
+
+
+def write_error(err: BaseException | None) -> WriteError | None:
+    """The WriteError behind an exception (itself, its cause or context, or Ray's wrapper of it), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, WriteError):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
 
 
 @dataclass(frozen=True, order=True)
@@ -157,15 +196,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     writers that append their own extension (np.save, np.savez) on the temporary name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging.temporary(path, suffix=suffix)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # nothing left to remove, or a read-only folder
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -177,8 +218,8 @@ def atomic_write_parquet(table: pa.Table | pd.DataFrame, path: Path) -> None:
     """Write a Parquet file atomically (see `atomic_path`)."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python closes its file even when a write failed
+        pq.write_table(table, f)
 
 
 def atomic_write_json(obj, path: Path) -> None:
@@ -268,6 +309,10 @@ class ResultsStore:
         """launcher.lock: host and pid of the launcher running the sweep, flock-ed while it runs."""
         return self.dir / "launcher.lock"
 
+    def reserve_path(self) -> Path:
+        """space.reserve: room the launcher keeps on the sweep's disk to record final statuses when it is full."""
+        return self.dir / "space.reserve"
+
     def code_dir(self) -> Path:
         return self.dir / "code"
 
@@ -287,6 +332,24 @@ class ResultsStore:
         return (staging.remove_stale(self.trials_dir(), name=self.trial_path(trial_id).name)
                 + staging.remove_stale(self.metrics_dir(trial_id))
                 + staging.remove_stale(self.run_dir(trial_id), recursive=True))
+
+    def reserve_space(self, trials: int) -> None:
+        """Set aside disk space to rewrite `trials` trial rows (RESERVE_PER_TRIAL each), so that on a disk that
+        fills up during the sweep the launcher can still record every trial's final status (release_space)."""
+        path = self.reserve_path()
+        try:
+            with writing(path):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as f:
+                    os.posix_fallocate(f.fileno(), 0, RESERVE_PER_TRIAL * max(1, trials))
+        except OSError:
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
+            raise
+
+    def release_space(self) -> None:
+        """Give the space of reserve_space back to the writes that need it."""
+        self.reserve_path().unlink(missing_ok=True)
 
     def write_trial(self, trial_id: str, **fields) -> dict:
         """Create or update a trial's row (fields are merged into the existing row)."""

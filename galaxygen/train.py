@@ -32,7 +32,14 @@ from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
 from galaxygen.losses import elbo_loss, warmup_factor
 from galaxygen.models import build_model, memory_format
-from galaxygen.results import ResultsStore, StoreError, atomic_write_json, check_trial_id, epoch_report
+from galaxygen.results import (
+    ResultsStore,
+    StoreError,
+    WriteError,
+    atomic_write_json,
+    check_trial_id,
+    epoch_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -434,10 +441,13 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
         return trainer.fit(report)
     except Exception as err:
         if env.is_main:
-            store.write_trial(trial_id, status="failed", end_time=time.time(),
-                              error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}",
-                              **({} if store.read_trial(trial_id) else {**config.to_dict(),
-                                                                          "config_hash": config.signature()}))
+            try:
+                store.write_trial(trial_id, status="failed", end_time=time.time(),
+                                  error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}",
+                                  **({} if store.read_trial(trial_id) else {**config.to_dict(),
+                                                                              "config_hash": config.signature()}))
+            except OSError as row_err:  # a full disk or a read-only folder: the caller records it (or reports it)
+                log.error("could not record the failure of %s: %s", trial_id, row_err)
         raise
     finally:
         distributed.teardown()
@@ -483,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingDiverged as err:
         print(f"failed: {err}", file=sys.stderr)
+        return 1
+    except WriteError as err:  # a full disk or a read-only results folder: the run resumes once it is fixed
+        print(f"error: {err}", file=sys.stderr)
         return 1
     env = distributed.read_env()
     if env.is_main:

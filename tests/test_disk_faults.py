@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
-from galaxygen.results import ResultsStore
+import pytest
+import torch
+
+from galaxygen import checkpoint
+from galaxygen.results import ResultsStore, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,3 +79,60 @@ def test_a_trial_removes_its_own_stale_temporaries_and_trains(tmp_path, blob_cac
     run(config, tmp_path, "sweep", trial)
     assert not any(p.exists() for p in stale)
     assert store.read_trial(trial)["status"] == "completed" and store.epochs(trial) == [1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A small tmpfs mounted for the test (root only): a disk that can be filled, grown and made read-only."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def mount(disk: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk to the last byte with a filler file; returns it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        st = os.statvfs(disk)
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+        with suppress(OSError):
+            while True:
+                f.write(b"\0" * 512)
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def test_a_write_to_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk):
+    store = ResultsStore(small_disk, "sweep")
+    store.write_trial("t1", status="running", epochs_done=1)
+    store.reserve_space(2)
+    filler = fill(small_disk)
+    for write in (lambda: store.write_trial("t1", status="running", epochs_done=2, note="x" * 10000),
+                  lambda: checkpoint.save(store.checkpoint("t1"), weights=torch.zeros(100_000)),
+                  lambda: store.write_epoch("t1", 2, [{"epoch": 2, "metric": "loss", "value": float(v)}
+                                                      for v in range(5000)])):
+        with pytest.raises(WriteError) as caught:
+            write()
+        assert str(caught.value).startswith(f"no space left on device writing {small_disk}/sweep/")
+    assert store.read_trial("t1")["epochs_done"] == 1  # the old row is whole
+    assert not [p for p in small_disk.rglob(".*")]  # no temporary left behind
+    store.release_space()  # the launcher records final statuses in the reserved space
+    store.write_trial("t1", status="failed", error="no space left on device", note="x" * 10000)
+    assert store.read_trial("t1")["status"] == "failed"
+    with pytest.raises(WriteError, match="space.reserve"):  # a launcher starting on the full disk
+        store.reserve_space(100)
+    assert not store.reserve_path().exists()
+    filler.unlink()
+    mount(small_disk, "ro")
+    with pytest.raises(WriteError, match=f"read-only file system writing {small_disk}/sweep/trials/t2.parquet"):
+        store.write_trial("t2", status="running")
