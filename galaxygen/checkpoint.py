@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import os
 import pickle
 import random
@@ -42,8 +43,10 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: Path, **payload) -> None:
     """Write a checkpoint atomically (temporary file + rename)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError, not torch's
-        torch.save({"format_version": FORMAT_VERSION, **payload}, f)  # "enforce fail at inline_container.cc"
+    data = io.BytesIO()  # torch writing a file itself turns a full disk into "enforce fail at inline_container.cc"
+    torch.save({"format_version": FORMAT_VERSION, **payload}, data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk is an OSError (WriteError)
+        f.write(data.getbuffer())
 
 
 class CheckpointError(ValueError):

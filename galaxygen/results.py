@@ -111,13 +111,20 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 
 
 def write_error(err: BaseException | None) -> WriteError | None:
-    """The WriteError behind an exception (itself, its cause or context, or Ray's wrapper of it), else None."""
+    """The WriteError behind an exception (itself, its cause or context, or Ray's wrapper of it), else None.
+
+    An OSError of WRITE_ERRNOS that did not come through `writing` (TensorBoard's event writer) counts too."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, WriteError):
+        if getattr(err, "cause", None) is not None:  # Ray's RayTaskError (an instance of its cause's class too)
+            err = err.cause
+        elif isinstance(err, WriteError):
             return err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+        elif isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            return WriteError(err.errno, os.strerror(err.errno), err.filename or "a results file")
+        else:
+            err = err.__cause__ or err.__context__
     return None
 
 

@@ -124,6 +124,9 @@ def test_a_write_to_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk)
         with pytest.raises(WriteError) as caught:
             write()
         assert str(caught.value).startswith(f"no space left on device writing {small_disk}/sweep/")
+    os.truncate(filler, filler.stat().st_size - 2**20)  # 1 MB free: torch would write part of a 4 MB checkpoint
+    with pytest.raises(WriteError, match="no space left on device writing .*last.pt"):
+        checkpoint.save(store.checkpoint("t1"), weights=torch.zeros(2**20))
     assert store.read_trial("t1")["epochs_done"] == 1  # the old row is whole
     assert not [p for p in small_disk.rglob(".*")]  # no temporary left behind
     store.release_space()  # the launcher records final statuses in the reserved space
@@ -136,3 +139,4 @@ def test_a_write_to_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk)
     mount(small_disk, "ro")
     with pytest.raises(WriteError, match=f"read-only file system writing {small_disk}/sweep/trials/t2.parquet"):
         store.write_trial("t2", status="running")
+
