@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +275,7 @@ def source_root() -> Path:
 
 def snapshot_code(dest: Path, root: Path | None = None) -> Path:
     """Copy the packages' source into dest/<content hash>/ (once per distinct code) and return that folder."""
+    from galaxygen import staging
     from galaxygen.results import atomic_write_json
 
     root = root or source_root()
@@ -290,7 +290,8 @@ def snapshot_code(dest: Path, root: Path | None = None) -> Path:
     out = dest / digest.hexdigest()[:12]
     if (out / "SNAPSHOT.json").exists():
         return out
-    tmp = dest / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp = staging.temporary(out)  # .<hash>.tmp-<host>-<pid>: the next launcher removes it if this one is killed
+    shutil.rmtree(tmp, ignore_errors=True)
     for path in files:
         target = tmp / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
