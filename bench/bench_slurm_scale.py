@@ -4,7 +4,7 @@
     python bench/bench_slurm_scale.py --trials 10 50
 
 For each trial count K, runs one K-trial sweep (`python -m sweeps.launch --backend slurm`, a grid over the
-seed, each trial one epoch of the report's smallest model `mlp1` on 64 tiny blob images: the real training
+seed, each trial one epoch of the report's smallest model `mlp1` on 160 tiny blob images: the real training
 code, just small, so that 50 jobs fit on 2 cores in a few minutes) with `squeue`, `sbatch` and `scancel`
 replaced by counting shims first on PATH (each logs its call and runs the real command; the trial jobs inherit
 the PATH, so their own calls count too). The pollers use the defaults (metrics every 5 s, squeue every 30 s).
@@ -79,7 +79,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, nargs="+", default=[10, 50], help="trial counts (default 10 50)")
     p.add_argument("--max-concurrent", type=int, default=16, help="trial jobs in flight at once (default 16)")
-    p.add_argument("--n", type=int, default=64, help="images in the blob cache (default 64)")
+    p.add_argument("--n", type=int, default=160, help="images in the blob cache (default 160)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--keep", help="keep the results in this folder (default: a temporary one, removed)")
     args = p.parse_args()

@@ -255,7 +255,7 @@ class Trainer:
         return True
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def fit(self, report: Callable[[dict], None] | None = None) -> dict:
+    def fit(self, report: Callable[[dict], None] | None = None, evaluate: bool = True) -> dict:
         resumed = self.restore()
         main = self.env.is_main
         if main:
@@ -290,7 +290,7 @@ class Trainer:
                 if report is not None:
                     report(summary)
         if main:
-            if self.config.eval_n:
+            if self.config.eval_n and evaluate:
                 self.evaluate()
             trained = bool(summary)
             if not trained:  # resumed after its last epoch (e.g. killed during evaluation): nothing was reported
@@ -421,8 +421,11 @@ def hparams(config: TrainConfig) -> dict:
 
 
 def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUNS, trial_id: str | None = None,
-        report: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume, or skip if already completed) one run; returns its final per-epoch report."""
+        report: Callable[[dict], None] | None = None, evaluate: bool = True) -> dict:
+    """Train (or resume, or skip if already completed) one run; returns its final per-epoch report.
+
+    evaluate=False leaves the end-of-run evaluation (config.eval_n) to someone else, e.g. a CPU job after a
+    GPU training job (`SlurmOptions.eval_job`)."""
     config = config.resolved()
     trial_id = trial_id or config.signature()
     store = ResultsStore(results, sweep)
@@ -438,7 +441,7 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
     device = distributed.setup(env)
     try:
         trainer = Trainer(config, store, trial_id, env, device)
-        return trainer.fit(report)
+        return trainer.fit(report, evaluate)
     except Exception as err:
         if env.is_main:
             try:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from galaxygen.cli import positive
-from sweeps.slurm_job import Driver, environment, executor, snapshot_code
+from sweeps.slurm_job import Driver, environment, executor, run_evaluate, snapshot_code
 from sweeps.slurm_options import SlurmOptions, SlurmOptionsError, add_arguments, options_from_args
 
 log = logging.getLogger("sweeps.evaluate")
@@ -39,15 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_evaluate(argv: list[str]) -> None:
-    """One evaluation job: `python -m galaxygen.evaluate ARGV` (raises, so SLURM and submitit see a failure)."""
-    from galaxygen.evaluate.__main__ import main
-
-    status = main(argv)
-    if status:
-        raise RuntimeError(f"python -m galaxygen.evaluate {' '.join(argv)} exited with status {status}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What gets submitted: the job shape, one argv per array task, and the merge job's argv."""
@@ -61,7 +52,7 @@ def plan(args: argparse.Namespace) -> Plan:
     """The jobs of an evaluation, from parsed arguments (paths made absolute; the profile's shape as CPU jobs)."""
     options = options_from_args(args)
     cpus = options.cpus_per_task or DEFAULT_CPUS
-    options = dataclasses.replace(options, nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=cpus)
+    options = options.cpu_job(cpus)
     common = [str(Path(args.checkpoint).resolve()), "--n", str(args.n), "--seed", str(args.seed), "--shard-dir",
               str(Path(args.shard_dir).resolve()), "--workers", str(cpus), "--no-progress"]
     if args.data:

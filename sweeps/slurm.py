@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -57,9 +58,12 @@ from sweeps.slurm_job import (
     SqueueSnapshot,
     TrialJob,
     cancel_jobs,
+    eval_argv,
     is_final,
     job_records,
     mark_stopped,
+    run_evaluate,
+    scancel,
     snapshot_code,
     submit,
 )
@@ -91,13 +95,14 @@ class TrialPoller:
         self.heartbeat = self.dir / HEARTBEAT
         self.squeue = SqueueSnapshot(self.store, options.squeue_s)
         self.job: SlurmJobRef | None = None
+        self.eval_job: SlurmJobRef | None = None  # the end-of-run evaluation, when it is a job of its own
         self.final: dict | None = None  # the trial's row when it needs no more work
         self.last_epoch = 0
         self.last_report: dict | None = None
         self.finished = False
-        self.last_snapshot = 0.0
-        self.missing = 0
-        self.state: str | None = None
+        self.last_snapshot: dict[str, float] = {}  # per job id: the squeue snapshot last looked at
+        self.missing: dict[str, int] = {}  # per job id: snapshots in a row that did not list it
+        self.state: dict[str, str] = {}  # per job id: its last state seen in squeue
         self.first_report: float | None = None
 
     # state shared with other drivers through job.json
@@ -111,6 +116,8 @@ class TrialPoller:
         record = {**self.registry(), **changes}
         if self.job is not None:
             record.update(dataclasses.asdict(self.job))
+        if self.eval_job is not None:
+            record["eval_job"] = dataclasses.asdict(self.eval_job)
         record.update(trial_id=self.trial_id, driver=self.driver.tag, batch_job=self.driver.batch_job)
         atomic_write_json(record, self.store.job_record(self.trial_id))
 
@@ -129,6 +136,7 @@ class TrialPoller:
             if job.outcome() is not None or self.squeue.alive(job.job_id):
                 log.info("trial %s adopts its SLURM job %s", self.trial_id, job.job_id)
                 self.job = job
+                self.eval_job = SlurmJobRef(**old["eval_job"]) if old.get("eval_job") else None
                 self.write_registry(finished=False, adopted=time.time())
                 return
         if is_final(row, self.config.epochs):
@@ -137,14 +145,24 @@ class TrialPoller:
             return
         self.store.write_trial(self.trial_id, status="pending", error=None, stop_reason=None,
                                config_hash=self.config.signature(), **self.config.to_dict())
+        separate_eval = bool(self.options.separate_eval and self.config.eval_n)
         function = TrialJob(self.config.to_dict(), str(self.store.root), self.store.sweep, self.trial_id,
-                            control=str(self.dir), heartbeat_timeout_s=self.options.heartbeat_s)
+                            control=str(self.dir), heartbeat_timeout_s=self.options.heartbeat_s,
+                            evaluate=not separate_eval)
         for old_marker in self.dir.glob("cancel-*"):  # requests to earlier jobs (job ids can be reused)
             old_marker.unlink(missing_ok=True)
         folder = self.dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.job = submit(function, folder, self.options, self.driver, f"{self.store.sweep}-{self.trial_id}")
+        name = f"{self.store.sweep}-{self.trial_id}"
+        self.job = submit(function, folder, self.options, self.driver, name)
+        self.eval_job = None
+        if separate_eval:  # starts when training succeeds; SLURM drops it if training fails or is cancelled
+            argv = eval_argv(self.store, self.trial_id, self.config.eval_n, self.config.seed, self.options.eval_cpus)
+            shape = self.options.cpu_job(self.options.eval_cpus, f"--dependency=afterok:{self.job.job_id}",
+                                         "--kill-on-invalid-dep=yes")
+            self.eval_job = submit(functools.partial(run_evaluate, argv), folder, shape, self.driver, f"{name}-eval")
         self.write_registry(finished=False, first_report=None)
-        log.info("trial %s: submitted SLURM job %s (logs in %s)", self.trial_id, self.job.job_id, folder)
+        log.info("trial %s: submitted SLURM job %s%s (logs in %s)", self.trial_id, self.job.job_id,
+                 f" and its evaluation job {self.eval_job.job_id}" if self.eval_job else "", folder)
 
     def epochs_on_disk(self) -> list[int]:
         return self.store.epochs(self.trial_id)
@@ -152,32 +170,33 @@ class TrialPoller:
     def read_epoch(self, epoch: int) -> dict:
         return epoch_report(self.store.read_epoch(self.trial_id, epoch), epoch)
 
-    def check_job(self) -> tuple[str, Any] | None:
-        """The job's outcome once known: ("completed", value), ("failed", traceback) or ("stopped", row) when it
-        was cancelled from outside (the heartbeat, --cancel); a job that left squeue without a result or a
-        stop record is reported failed (after a second snapshot agrees)."""
-        outcome = self.job.outcome()
+    def check_job(self, job: SlurmJobRef | None = None) -> tuple[str, Any] | None:
+        """The outcome of the training job (or `job`) once known: ("completed", value), ("failed", traceback) or
+        ("stopped", row) when it was cancelled from outside (the heartbeat, --cancel); a job that left squeue
+        without a result or a stop record is reported failed (after a second snapshot agrees)."""
+        job = job or self.job
+        outcome = job.outcome()
         if outcome is not None:
             return outcome
         snap = self.squeue.current()
-        if snap["time"] == self.last_snapshot:
+        if snap["time"] == self.last_snapshot.get(job.job_id):
             return None
-        self.last_snapshot = snap["time"]
-        state = self.squeue.state(self.job.job_id)
+        self.last_snapshot[job.job_id] = snap["time"]
+        state = self.squeue.state(job.job_id)
         if state in ACTIVE_STATES or state == "UNKNOWN":
-            self.state, self.missing = state, 0
+            self.state[job.job_id], self.missing[job.job_id] = state, 0
             return None
-        self.missing += 1
-        if self.missing < 2:
+        self.missing[job.job_id] = self.missing.get(job.job_id, 0) + 1
+        if self.missing[job.job_id] < 2:
             return None
-        outcome = self.job.outcome()
+        outcome = job.outcome()
         row = self.store.read_trial(self.trial_id) or {}
-        if outcome is None and row.get("status") == "stopped":
+        if outcome is None and job is self.job and row.get("status") == "stopped":
             return "stopped", row
-        return outcome or ("failed", f"SLURM job {self.job.job_id} ended without a result (state "
-                                     f"{state or 'gone from squeue'}, last seen {self.state}: cancelled, "
-                                     f"out of memory, node failure or time limit?). Last lines of "
-                                     f"{self.job.log_path(0, 'err')}:\n{self.job.log_tail()}")
+        return outcome or ("failed", f"SLURM job {job.job_id} ended without a result (state "
+                                     f"{state or 'gone from squeue'}, last seen {self.state.get(job.job_id)}: "
+                                     f"cancelled, out of memory, node failure or time limit?). Last lines of "
+                                     f"{job.log_path(0, 'err')}:\n{job.log_tail()}")
 
     def next_report(self) -> dict:
         """Block until the next epoch's report (with done=True for the last epoch); raise if the job failed."""
@@ -194,6 +213,7 @@ class TrialPoller:
                     outcome = outcome or self.wait_for_outcome()
                     if outcome[0] == "failed":
                         self.fail(outcome[1])
+                    self.wait_for_evaluation()
                     self.finish()
                     report["done"] = True
                 return self.reported(epoch, report)
@@ -236,14 +256,24 @@ class TrialPoller:
                                   f"{row.get('error') or row.get('stop_reason')}")
         return {**self.last_report, "done": True}
 
-    def wait_for_outcome(self) -> tuple[str, Any]:
+    def wait_for_outcome(self, job: SlurmJobRef | None = None) -> tuple[str, Any]:
         """After the last epoch's metrics: wait for the job to return (train.run finishes its bookkeeping)."""
         while True:
-            outcome = self.check_job()
+            outcome = self.check_job(job)
             if outcome is not None:
                 return outcome
             self.touch_heartbeat()
             time.sleep(min(self.options.poll_s, 1.0))
+
+    def wait_for_evaluation(self) -> None:
+        """With an evaluation job of its own: the trial is done when that job has written its eval metrics; a
+        failed evaluation is recorded in the trial's error (the trained model stays completed, as in train.run)."""
+        if self.eval_job is None:
+            return
+        outcome = self.wait_for_outcome(self.eval_job)
+        if outcome[0] != "completed":
+            self.store.write_trial(self.trial_id, error=f"evaluation failed (SLURM job {self.eval_job.job_id}): "
+                                   f"{outcome[1]}")
 
     def fail(self, detail: str) -> None:
         """Record the job's remote traceback as the trial's error and raise it."""
@@ -267,6 +297,8 @@ class TrialPoller:
         if self.registry().get("finished"):
             self.finished = True
             return
+        if self.eval_job is not None and self.eval_job.outcome() is None:
+            scancel(self.eval_job.job_id)
         if self.job.outcome() is None:
             log.info("trial %s stopped early: cancelling SLURM job %s", self.trial_id, self.job.job_id)
             self.job.cancel(self.dir, EARLY)

@@ -85,13 +85,14 @@ class TrialJob(submitit.helpers.Checkpointable):
     from runs/<trial_id>/checkpoints/last.pt, rewriting any epoch it repeats (so metrics never duplicate)."""
 
     def __init__(self, config: dict, results: str, sweep: str, trial_id: str, control: str | None = None,
-                 heartbeat_timeout_s: float = 0.0):
+                 heartbeat_timeout_s: float = 0.0, evaluate: bool = True):
         self.config = dict(config)
         self.results = str(results)
         self.sweep = sweep
         self.trial_id = trial_id
         self.control = control
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.evaluate = evaluate  # False: the end-of-run evaluation is a job of its own (see eval_argv)
 
     def __call__(self) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -106,7 +107,8 @@ class TrialJob(submitit.helpers.Checkpointable):
                  Path(galaxygen.__file__).parent)
         if rank == 0 and self.control and job_id:
             Watchdog(Path(self.control), job_id, self.heartbeat_timeout_s, self.stop_now).start()
-        return run(TrainConfig.from_dict(self.config), self.results, self.sweep, trial_id=self.trial_id)
+        return run(TrainConfig.from_dict(self.config), self.results, self.sweep, trial_id=self.trial_id,
+                   evaluate=self.evaluate)
 
     def stop_now(self, reason: str, detail: str | None) -> None:
         """Record the trial as stopped (unless it already ended), cancel this job and die at once."""
@@ -121,6 +123,23 @@ class TrialJob(submitit.helpers.Checkpointable):
                 subprocess.run(["scancel", job_id], check=False, timeout=60)
             # die now, so the training thread cannot overwrite the "stopped" record during KillWait
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def eval_argv(store: ResultsStore, trial_id: str, n: int, seed: int, workers: int) -> list[str]:
+    """`galaxygen.evaluate` arguments scoring a trial's best checkpoint into its eval part, like the in-job
+    evaluation of train.run (same n, seed and baselines)."""
+    return [str(store.checkpoint(trial_id, "best")), "--n", str(n), "--seed", str(seed), "--out", str(store.dir),
+            "--trial", trial_id, "--workers", str(workers), "--no-progress"]
+
+
+def run_evaluate(argv: list[str]) -> None:
+    """One evaluation job: `python -m galaxygen.evaluate ARGV` (raises, so SLURM and submitit see a failure)."""
+    from galaxygen.evaluate.__main__ import main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    status = main(argv)
+    if status:
+        raise RuntimeError(f"python -m galaxygen.evaluate {' '.join(argv)} exited with status {status}")
 
 
 class Watchdog(threading.Thread):
@@ -458,7 +477,12 @@ def job_records(store: ResultsStore) -> Iterator[tuple[Path, dict]]:
 
 
 def unfinished_jobs(store: ResultsStore) -> list[str]:
-    return [r["job_id"] for _, r in job_records(store) if r.get("job_id") and not r.get("finished")]
+    """Job ids (training and evaluation) of the trials whose job record is not finished."""
+    out = []
+    for _, record in job_records(store):
+        if not record.get("finished"):
+            out += [j for j in (record.get("job_id"), (record.get("eval_job") or {}).get("job_id")) if j]
+    return out
 
 
 def cancel_jobs(store: ResultsStore, reason: str, detail: str, driver: str | None = None,
@@ -470,9 +494,13 @@ def cancel_jobs(store: ResultsStore, reason: str, detail: str, driver: str | Non
         if record.get("finished") or not record.get("job_id") or driver not in (None, record.get("driver")):
             continue
         job = SlurmJobRef(record["job_id"], record["folder"], record.get("tasks", 1))
+        evaluation = SlurmJobRef(**record["eval_job"]) if record.get("eval_job") else None
         if job.outcome() is None:
             job.cancel(path.parent, reason, detail)
             cancelled.append((job, record["trial_id"]))
+        if evaluation is not None and evaluation.outcome() is None:
+            scancel(evaluation.job_id)
+            cancelled.append((evaluation, record["trial_id"]))
         from galaxygen.results import atomic_write_json
 
         atomic_write_json({**record, "finished": True, "ended": time.time()}, path)

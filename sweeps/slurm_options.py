@@ -8,6 +8,7 @@ their options from here. Precedence: command line > profile file > the defaults 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import tomllib
@@ -41,6 +42,8 @@ class SlurmOptions:
     signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
     max_requeues: int = 3  # requeues after time-outs (preemptions do not count)
     max_jobs: int | None = None  # trial jobs in flight at once (the launcher's --max-concurrent overrides it)
+    eval_job: bool | None = None  # end-of-trial evaluation as its own CPU job after training (default: with GPUs)
+    eval_cpus: int = 2  # CPUs (statmorph workers) of that evaluation job
     poll_s: float = 5.0  # how often a trial looks for new metrics
     squeue_s: float = 30.0  # how often the sweep asks squeue (one call for all its jobs) whether they still exist
     heartbeat_s: float = 600.0  # a job with no poller for this long cancels itself (0: never)
@@ -53,7 +56,7 @@ class SlurmOptions:
         def bad(key: str, allowed: str) -> None:
             raise SlurmOptionsError(f"invalid SLURM option {key}={getattr(self, key)!r}: allowed {allowed}")
 
-        for key in ("nodes", "timeout_min"):
+        for key in ("nodes", "timeout_min", "eval_cpus"):
             if getattr(self, key) < 1:
                 bad(key, "an integer >= 1")
         for key in ("tasks_per_node", "cpus_per_task", "max_jobs"):
@@ -75,6 +78,17 @@ class SlurmOptions:
     def tasks(self) -> int:
         """SLURM tasks per node: one per GPU unless set."""
         return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def separate_eval(self) -> bool:
+        """Whether a trial's end-of-run evaluation (CPU work) runs as its own job instead of in the training
+        job's allocation: as set, else when the training jobs have GPUs (which would wait idle meanwhile)."""
+        return self.gpus_per_node > 0 if self.eval_job is None else self.eval_job
+
+    def cpu_job(self, cpus: int, *sbatch: str) -> SlurmOptions:
+        """These options shaped as a one-task, single-node CPU job (evaluation), plus extra sbatch lines."""
+        return dataclasses.replace(self, nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=cpus,
+                                   sbatch=(*self.sbatch, *sbatch))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SlurmOptions:
@@ -179,6 +193,9 @@ CLI = [
     ("--slurm-heartbeat-s", "heartbeat_s", float, "S", "a job whose sweep driver is gone cancels itself after "
      "this many seconds (default 600; 0 never)"),
     ("--slurm-python", "python", str, "CMD", "python command of the jobs (default: this python)"),
+    ("--slurm-eval-job", "eval_job", str, "yes|no", "end-of-trial evaluation as its own CPU job after the "
+     "training job, so it does not hold the training allocation (default: yes when --gpus-per-node > 0)"),
+    ("--slurm-eval-cpus", "eval_cpus", int, "N", "CPUs of that evaluation job (default 2)"),
 ]
 
 

@@ -453,6 +453,33 @@ def test_usr2_requeues_and_the_trial_resumes_without_duplicates(cluster, blob_ca
 
 
 @pytest.mark.slurm
+def test_end_of_trial_evaluation_as_its_own_cpu_job_after_training(cluster, blob_cache, tmp_path):
+    """eval_job: the training job skips the evaluation; a 1-CPU job that depends on it scores the best
+    checkpoint into the trial's eval part, and the trial is done only once that job has finished."""
+    config = tiny_config(blob_cache, epochs=1, eval_n=8)
+    poller = TrialPoller(config, tmp_path, "evaljob", options(eval_job=True, eval_cpus=1),
+                         Driver.here(slurm_job.snapshot_code(tmp_path / "evaljob" / "code")))
+    poller.start()
+    assert poller.eval_job is not None and poller.eval_job.job_id != poller.job.job_id
+    script = (Path(poller.eval_job.folder) / f"{poller.eval_job.job_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{poller.job.job_id}" in script and "--kill-on-invalid-dep=yes" in script
+    assert "#SBATCH --cpus-per-task=1" in script and "gpus" not in script
+    report = poller.next_report()
+    assert report["done"] and report["epoch"] == 1
+    assert poller.eval_job.outcome() == ("completed", None), poller.eval_job.log_tail()
+    row = poller.store.read_trial(poller.trial_id)
+    assert row["status"] == "completed" and not row["error"], row
+    metrics = poller.store.metrics(poller.trial_id)
+    assert {"eval", "eval_real_vs_real", "eval_one_image"} <= set(metrics["split"])
+    assert (metrics.query("split == 'eval' and metric == 'eval_n'")["value"] == 8).all()
+    train_log = poller.job.log_path(0, "err").read_text()
+    eval_log = poller.eval_job.log_path(0, "err").read_text()
+    assert "galaxygen.evaluate" in eval_log and "eval metrics" not in train_log
+    assert json.loads(poller.store.job_record(poller.trial_id).read_text())["eval_job"]["job_id"] == \
+        poller.eval_job.job_id
+
+
+@pytest.mark.slurm
 def test_tune_early_stop_cancels_the_job_and_a_failing_job_records_its_traceback(cluster, blob_cache, tmp_path):
     import ray
     from ray import tune
