@@ -345,8 +345,9 @@ def test_a_requeued_driver_adopts_its_jobs_and_finishes_the_sweep(cluster, blob_
     requeues itself, the next run adopts the trial jobs, and every trial runs exactly once."""
     results = tmp_path / "results"
     results.mkdir()
-    driver = sweep_driver(results, blob_cache, "--samples", "4", "--epochs", "10", "--seed", "3",
-                          sbatch=("--time=2", "--signal=B:USR1@20"))
+    # 3 trial jobs at a time leave a CPU of the 4-CPU test cluster to the requeued driver
+    driver = sweep_driver(results, blob_cache, "--samples", "4", "--epochs", "40", "--seed", "3",
+                          "--max-concurrent", "3", sbatch=("--time=2", "--signal=B:USR1@20"))
     store = ResultsStore(results, "search")
     try:
         wait_until(lambda: not [j for j in squeue() if j[0] == driver], 420, "the sweep driver to finish", interval=3)
