@@ -19,6 +19,7 @@ setup(
         "pandas>=2.0",
         "numpy>=1.24",
         "scipy>=1.10",
+        "scikit-learn>=1.3",
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "galsim>=2.5",

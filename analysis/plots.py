@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from analysis.tables import SweepData, final_values, sort_key  # noqa: E402
-from galaxygen.evaluate import METRICS, direction  # noqa: E402
+from galaxygen.evaluate import METRICS, base_metric, direction  # noqa: E402
 
 DPI = 110
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "figure.dpi": DPI})
@@ -215,10 +215,14 @@ def goal(name: str) -> str:
 
 
 def eval_metrics(data: SweepData) -> plt.Figure | None:
-    """One panel per sample-quality metric (split `eval`): one point per evaluated trial, the real-vs-real and
-    one-image baselines of its data set as labelled horizontal lines; None when no trial has eval rows."""
+    """One panel per sample-quality metric (split `eval`): one point per evaluated trial (filled: samples from
+    the family's default latent, a VAE's fitted prior; hollow: the same metric from another latent, e.g. a VAE's
+    N(0, I) as `<metric>_prior`), the real-vs-real and one-image baselines of its data set as labelled
+    horizontal lines; None when no trial has eval rows."""
     finals = final_values(data.metrics[data.metrics["split"] == "eval"])
-    names = eval_metric_order([c.removeprefix("eval_") for c in finals.columns])
+    columns = [c.removeprefix("eval_") for c in finals.columns]
+    names = eval_metric_order([c for c in columns if not base_metric(c)[1]])
+    variants = {c: base_metric(c) for c in columns if base_metric(c)[1]}
     present = {u for u in finals.index if finals.loc[u].notna().any()}
     trials = [row for row in data.trials.itertuples() if row.uid in present]
     if not names or not trials:
@@ -230,16 +234,20 @@ def eval_metrics(data: SweepData) -> plt.Figure | None:
     lines: dict[str, Line2D] = {}
     for ax, name in zip(axes, names):
         ax.set_gid(f"eval:{name}")
-        column = finals[f"eval_{name}"]
-        points = [(i, float(column.get(row.uid, np.nan)), colors[row.uid]) for i, row in enumerate(trials, 1)]
-        points = [p for p in points if np.isfinite(p[1])]
-        if points:
-            xs, ys, cs = zip(*points)
-            ax.scatter(xs, ys, c=list(cs), s=30, zorder=3, edgecolors="k", linewidths=0.4)
-        else:
+        values: list[float] = []
+        for column, latent in [(name, ""), *((c, lat) for c, (b, lat) in variants.items() if b == name)]:
+            points = [(i, float(finals[f"eval_{column}"].get(row.uid, np.nan)), colors[row.uid])
+                      for i, row in enumerate(trials, 1)]
+            points = [p for p in points if np.isfinite(p[1])]
+            if points:
+                xs, ys, cs = zip(*points)
+                style = dict(c=list(cs)) if not latent else dict(facecolors="none", edgecolors=list(cs), linewidths=1.2)
+                ax.scatter(xs, ys, s=30, zorder=3, gid=f"points:{latent or 'default'}",
+                           **(style | (dict(edgecolors="k", linewidths=0.4) if not latent else {})))
+                values += [p[1] for p in points]
+        if not values:
             ax.text(0.5, 0.5, "not measured\n(no finite value)", ha="center", va="center", fontsize=7, color="#a00",
                     transform=ax.transAxes)
-        values = [p[1] for p in points]
         to_line = blended_transform_factory(ax.transAxes, ax.transData)
         for row in base[base["metric"] == name].itertuples():
             text, color, ls = EVAL_BASELINES.get(row.baseline, (row.baseline.replace("_", " "), "#555", "-."))
@@ -267,6 +275,8 @@ def eval_metrics(data: SweepData) -> plt.Figure | None:
         suffix = f" (n={int(n)})" if np.isfinite(n) else ""
         handles.append(Line2D([], [], color=colors[row.uid], marker="o", ls="", mec="k", mew=0.4,
                               label=f"{i}: {tagged(row)}{suffix}"))
+    handles += [Line2D([], [], color="#555", marker="o", ls="", mfc="none", label=f"hollow: latent {latent}")
+                for latent in sorted({lat for _, lat in variants.values()})]
     handles += [Line2D([], [], color=line.get_color(), ls=line.get_linestyle(), label=label)
                 for label, line in lines.items()]
     handles += missing_handles(data, present, colors, "eval metrics")
@@ -308,8 +318,10 @@ def panel_grid(n: int, width: float, height: float, max_cols: int = 3) -> tuple[
     return fig, flat[:n]
 
 
-def sample_grid(data: SweepData, samples: dict[str, np.ndarray | None], reasons: dict[str, str]) -> plt.Figure:
-    """32 prior samples per trial (4 x 8), one panel per trial in swept-value order (Figures 9, 15)."""
+def sample_grid(data: SweepData, samples: dict[str, np.ndarray | None], reasons: dict[str, str],
+                source: str) -> plt.Figure:
+    """32 samples per trial (4 x 8), one panel per trial in swept-value order (Figures 9, 15); `source` says
+    what they were decoded from."""
     fig, axes = panel_grid(len(data.trials), 4.4, 2.7)
     shape = next((montage(v, 8).shape for v in samples.values() if v is not None), None)
     for ax, row in zip(axes, data.trials.itertuples()):
@@ -321,7 +333,7 @@ def sample_grid(data: SweepData, samples: dict[str, np.ndarray | None], reasons:
         ax.imshow(montage(images, 8), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("samples from the prior z ~ N(0, I), best checkpoint of each trial")
+    fig.suptitle(wrap(f"samples, best checkpoint of each trial: {source}", 110))
     return fig
 
 

@@ -25,8 +25,9 @@ from galaxygen.data import Cache, resolve_cache
 from galaxygen.data.loader import augment, to_float
 from galaxygen.losses import elbo_loss
 from galaxygen.models import build_model, memory_format
+from galaxygen.models.vae import VAEObjective
 from galaxygen.results import ResultsStore
-from galaxygen.train import VAEObjective, run
+from galaxygen.train import run
 
 
 def reference(config: TrainConfig, images: torch.Tensor, epochs: int, layout=torch.contiguous_format) -> float:

@@ -28,9 +28,6 @@ class LossParts:
     nelbo: torch.Tensor
     bits_per_dim: torch.Tensor
 
-    def as_floats(self) -> dict[str, float]:
-        return {k: float(v.detach()) for k, v in vars(self).items()}
-
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)) per image and latent dim (closed form), shape (B, latent)."""

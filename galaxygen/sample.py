@@ -1,10 +1,12 @@
-"""Image grids from a trained model: samples from the prior, or input/reconstruction pairs.
+"""Image grids from a trained model: samples, or input/reconstruction pairs.
 
-    python -m galaxygen.sample CKPT --n 32 --out grid.png
+    python -m galaxygen.sample CKPT --n 32 --out grid.png [--latent fitted|prior]
     python -m galaxygen.sample CKPT --reconstruct --n 16 --out pairs.png [--data CACHE] [--split test]
 
 CKPT is a checkpoint file or a run folder (RESULTS/SWEEP/runs/ID, whose checkpoints/best.pt is used).
-Samples decode z ~ N(0, I), the prior, so they show what the model generates, not what it remembers.
+Samples decode latent draws, so they show what the model generates, not what it remembers: a VAE's from the
+latent prior fitted to its training galaxies' posterior means (`--latent fitted`, the default) or from
+N(0, I) (`--latent prior`); a GAN's from its input distribution (`prior`).
 With --reconstruct, rows of held-out inputs alternate with rows of their reconstructions (the decoded
 posterior mean), as in the report's Figure 5; the inputs come from the run's own data unless --data.
 """
@@ -23,8 +25,11 @@ from galaxygen.checkpoint import CheckpointError, load_model
 from galaxygen.cli import positive
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import to_float
+from galaxygen.models import MODELS, generate
 from galaxygen.results import run_checkpoint
 from galaxygen.splits import SPLITS
+
+LATENT_WORDS = {"fitted": "fitted prior", "prior": "N(0, I)"}
 
 
 class SampleError(ValueError):
@@ -42,10 +47,22 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def prior_grid(model: torch.nn.Module, n: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """n images decoded from z ~ N(0, I), tiled `cols` to a row: (3, H, W) in [0, 1]."""
-    images = model.sample(n, generator=torch.Generator().manual_seed(seed)).float()
-    return make_grid(images, nrow=cols, padding=2, pad_value=1.0)
+def sample_grid(model: torch.nn.Module, n: int, cols: int, latent: str, seed: int = 0) -> torch.Tensor:
+    """n images decoded from `latent` draws, tiled `cols` to a row: (3, H, W) in [0, 1]."""
+    return make_grid(generate(model, n, latent, seed), nrow=cols, padding=2, pad_value=1.0)
+
+
+def check_latent(model: torch.nn.Module, model_name: str, latent: str | None) -> str:
+    """The latent to sample from: the one asked for, or the model family's default; one clear error otherwise."""
+    latents = MODELS[model_name].family.latents
+    if latent is None:
+        latent = latents[0]
+    if latent not in latents:
+        raise SampleError(f"--latent {latent}: {model_name} samples from {' or '.join(latents)}")
+    if latent == "fitted" and model.latent_prior is None:
+        raise SampleError("this checkpoint has no fitted latent prior (written by an older galaxygen): "
+                          "use --latent prior")
+    return latent
 
 
 def reconstruction_grid(model: torch.nn.Module, inputs: torch.Tensor, cols: int) -> torch.Tensor:
@@ -84,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive, default=32, help="number of samples (or of inputs with --reconstruct); default 32")
     p.add_argument("--out", default="grid.png", help="output image (.png or .jpg; default grid.png)")
     p.add_argument("--cols", type=positive, help="images per row (default: about sqrt(n), 8 with --reconstruct)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
+    p.add_argument("--latent", choices=("fitted", "prior"), help="latent distribution to sample: the prior fitted "
+                   "to the training galaxies' posterior means, or N(0, I) (default: fitted for VAEs, prior for GANs)")
     p.add_argument("--reconstruct", action="store_true", help="input/reconstruction pairs instead of prior samples")
     p.add_argument("--data", help="cache to take the inputs from (default: the run's own data)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split of the inputs (default test)")
@@ -101,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             grid = reconstruction_grid(model, held_out_inputs(data, args.split, args.n, config.image_size), cols)
         else:
             cols = args.cols or math.ceil(math.sqrt(args.n))
-            grid = prior_grid(model, args.n, cols, args.seed)
+            latent = check_latent(model, config.model, args.latent)
+            grid = sample_grid(model, args.n, cols, latent, args.seed)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)
     except (SampleError, CacheError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    what = "input/reconstruction pairs" if args.reconstruct else "samples from the prior"
+    what = "input/reconstruction pairs" if args.reconstruct else f"samples (latent: {LATENT_WORDS[latent]})"
     print(f"{out}: {args.n} {what} of {config.model} ({grid.shape[2]}x{grid.shape[1]} px)")
     return 0
 

@@ -23,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from galaxygen import checkpoint, distributed
 from galaxygen.config import NOT_IDENTITY, ConfigError, TrainConfig, parse_assignments
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
-from galaxygen.losses import elbo_loss, warmup_factor
-from galaxygen.models import build_model, memory_format
+from galaxygen.models import MODELS, build_model, generate, memory_format
 from galaxygen.results import (
     ResultsStore,
     StoreError,
@@ -56,112 +54,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def autocast_args(config: TrainConfig, device: torch.device) -> dict:
-    """Mixed precision (bf16 autocast) on GPU when config.amp; full precision on CPU."""
-    return dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
-
-
-class VAEObjective:
-    """One optimisation step and one held-out evaluation of a VAE under the ELBO."""
-
-    def __init__(self, model, config: TrainConfig, env: distributed.DistEnv, device: torch.device):
-        self.model = model
-        self.config = config
-        self.net = DistributedDataParallel(model) if env.enabled else model
-        self.optimizers = [torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
-        self.autocast = autocast_args(config, device)
-
-    def loss(self, x: torch.Tensor, alpha: float):
-        with torch.autocast(**self.autocast):
-            logits, mu, logvar = self.net(x)
-        return elbo_loss(logits, x, mu, logvar, recon_loss=self.config.recon_loss, alpha=alpha,
-                         free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
-
-    def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        alpha = self.config.alpha * warmup_factor(progress, self.config.kl_warmup_epochs)
-        parts = self.loss(x, alpha)
-        opt = self.optimizers[0]
-        opt.zero_grad(set_to_none=True)
-        parts.loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        opt.step()
-        return {"loss": parts.loss.detach(), "recon": parts.recon.detach(), "kl": parts.kl.detach(),
-                "nelbo": parts.nelbo.detach(), "bits_per_dim": parts.bits_per_dim.detach()}
-
-    @torch.no_grad()
-    def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Held-out parts with z sampled from q(z|x) (the ELBO is an expectation over q), dropout off."""
-        mu, logvar = self.model.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        parts = elbo_loss(self.model.decode_logits(z), x, mu, logvar, recon_loss=self.config.recon_loss,
-                          alpha=self.config.alpha, free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
-        return {"loss": parts.loss, "recon": parts.recon, "kl": parts.kl, "nelbo": parts.nelbo,
-                "bits_per_dim": parts.bits_per_dim}
-
-
-class GANObjective:
-    """One discriminator step and one generator step of a GAN (gradients averaged across ranks)."""
-
-    def __init__(self, model, config: TrainConfig, env: distributed.DistEnv, device: torch.device):
-        self.model = model
-        self.config = config
-        self.device = device
-        betas = (0.5, 0.999)
-        self.opt_d = torch.optim.AdamW(model.discriminator.parameters(), lr=config.lr, betas=betas,
-                                       weight_decay=config.weight_decay)
-        self.opt_g = torch.optim.AdamW(model.generator.parameters(), lr=config.lr, betas=betas,
-                                       weight_decay=config.weight_decay)
-        self.optimizers = [self.opt_d, self.opt_g]
-        self.autocast = autocast_args(config, device)
-
-    def _step(self, loss: torch.Tensor, opt, params) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        opt.step()
-
-    def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        z = torch.randn(len(x), self.model.latent_dim, device=x.device)
-        with torch.autocast(**self.autocast):
-            fake = self.model.generator(z)
-            loss_d, parts_d = self.model.d_loss(x, fake.detach())
-        self._step(loss_d, self.opt_d, list(self.model.discriminator.parameters()))
-        with torch.autocast(**self.autocast):
-            loss_g, parts_g = self.model.g_loss(fake)
-        self._step(loss_g, self.opt_g, list(self.model.generator.parameters()))
-        out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
-        out["loss_d"], out["loss_g"] = loss_d.detach(), loss_g.detach()
-        out["loss"] = out["loss_d"] + out["loss_g"]
-        return out
-
-    @torch.no_grad()
-    def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fake = self.model.sample(len(x))
-        loss_d, parts_d = self.model.d_loss(x, fake)
-        loss_g, parts_g = self.model.g_loss(fake)
-        out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
-        out["loss_d"], out["loss_g"] = loss_d, loss_g
-        out["loss"] = loss_d + loss_g
-        return out
-
-
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over ranks with one all-reduce of the flattened gradients (no-op in one process)."""
-    if not torch.distributed.is_initialized():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 @dataclass
@@ -210,6 +102,7 @@ class Trainer:
         self.run_dir = store.run_dir(trial_id)
         data = open_data(config, env.world_size)
         self.cache, train_idx, val_idx = data.cache, data.train, data.val
+        self.train_idx = train_idx
         seed_everything(config.seed)
         self.model = build_model(config)
         layout = memory_format(self.model)
@@ -221,17 +114,18 @@ class Trainer:
         self.val_loader = BatchLoader(self.cache.images, val_idx, per_rank, shuffle=False, rank=env.rank,
                                       world_size=env.world_size, drop_last=False, device=device, memory_format=layout)
         self.probe = to_float(self.cache.images[val_idx[:HELD_OUT_PROBE]], layout).to(device)
-        objective = GANObjective if getattr(self.model, "kind", "vae") == "gan" else VAEObjective
-        self.objective = objective(self.model, config, env, device)
+        self.family = MODELS[config.model].family
+        self.objective = self.family.objective(self.model, config, env, device)
         self.epoch = 0
         self.step = 0
-        self.best = math.inf
+        self.best = math.inf  # the objective's score of the best checkpoint (lower is better)
+        self.best_epoch = 0
         self.writer = None
 
     # -- state --------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"config": self.config.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
-                "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.objective.optimizers],
+                "best_epoch": self.best_epoch, "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.objective.optimizers],
                 "rng": checkpoint.rng_state(), "trial_id": self.trial_id}
 
     def restore(self) -> bool:
@@ -248,6 +142,7 @@ class Trainer:
         for opt, opt_state in zip(self.objective.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
+        self.best_epoch = state.get("best_epoch", 0)
         checkpoint.set_rng_state(state["rng"])
         if self.env.is_main and state.get("epoch_rows"):
             self.store.write_epoch(self.trial_id, self.epoch, state["epoch_rows"])
@@ -276,17 +171,18 @@ class Trainer:
             if main:
                 summary = epoch_report(pd.DataFrame(rows), self.epoch)
                 self.log_epoch(summary)
-                val = summary.get("val_loss", math.inf)
-                # a GAN has no held-out likelihood to select by: its best checkpoint is its latest
-                improved = val < self.best or isinstance(self.objective, GANObjective)
-                self.best = min(self.best, val)
+                score = self.objective.score(summary)  # the objective decides which checkpoint is best
+                best = self.store.checkpoint(self.trial_id, "best")
+                improved = score < self.best or not best.exists()
+                if improved:
+                    self.best, self.best_epoch = score, self.epoch
+                self.objective.before_checkpoint(self.cache.images, self.train_idx)
                 # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing
                 checkpoint.save(self.store.checkpoint(self.trial_id, "last"), **self.state(), epoch_rows=rows)
-                best = self.store.checkpoint(self.trial_id, "best")
-                if improved or not best.exists():
+                if improved:
                     checkpoint.save(best, **self.state())
                 self.store.write_epoch(self.trial_id, self.epoch, rows)
-                self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_val_loss=self.best)
+                self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_epoch=self.best_epoch)
                 if report is not None:
                     report(summary)
         if main:
@@ -299,15 +195,18 @@ class Trainer:
                                     run_name=".")
             self.writer.close()
             self.store.write_trial(self.trial_id, status="completed", end_time=time.time(), epochs_done=self.epoch,
-                                   best_val_loss=self.best)
+                                   best_epoch=self.best_epoch)
             if not trained and report is not None:
                 report(summary)
         return summary
 
     def evaluate(self) -> None:
-        """Sample-quality metrics of the final model beside the dataset's baselines (split "eval")."""
+        """Sample-quality metrics of the best checkpoint, from each latent of its family, beside the dataset's
+        baselines (split "eval")."""
         from galaxygen.evaluate import baseline_metrics, evaluate_model, metric_rows
 
+        best = checkpoint.load(self.store.checkpoint(self.trial_id, "best"), self.device)
+        self.model.load_state_dict(best["model"])
         self.model.eval()
         try:
             n = self.config.eval_n
@@ -405,8 +304,7 @@ class Trainer:
             if key != "epoch":
                 split, metric = key.split("_", 1)
                 w.add_scalar(f"{split}/{metric}", value, self.epoch)
-        gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        w.add_images("samples_from_prior", self.model.sample(GRID, generator=gen).float().cpu(), self.epoch)
+        w.add_images("samples_from_prior", generate(self.model, GRID, "prior", self.config.seed), self.epoch)
         if hasattr(self.model, "reconstruct"):
             x = self.probe[:8]
             pairs = torch.stack([x, self.model.reconstruct(x).float()], 1).flatten(0, 1)

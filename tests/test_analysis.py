@@ -15,7 +15,8 @@ import pytest
 
 from analysis import plots
 from analysis.compare import build_comparison
-from analysis.figures import build, light_concentration, main, render
+from analysis.figures import build, main, render
+from analysis.inference import light_concentration
 from analysis.tables import comparison_table, load_sweep, swept_keys
 from galaxygen.results import ResultsStore, load
 from tests.conftest import run_launcher
@@ -201,14 +202,16 @@ def test_eval_metrics_figure_shows_every_metric_beside_its_stored_baselines(swee
     data = load_sweep(sweep_dir)
     fig = plots.eval_metrics(data)
     panels = {ax.get_gid().removeprefix("eval:"): ax for ax in fig.axes if (ax.get_gid() or "").startswith("eval:")}
-    assert set(panels) == set(evals.metric) - {"eval_n"}
+    assert set(panels) == {m for m in evals.metric if not m.endswith("_prior")} - {"eval_n"}
     latest = metrics.sort_values(["epoch", "wall_time"]).drop_duplicates(["split", "metric"], keep="last")
     baselines = latest[latest.split.isin(["eval_real_vs_real", "eval_one_image"])]
     own = evals.sort_values(["epoch", "wall_time"]).drop_duplicates(["trial_id", "metric"], keep="last")
     assert set(baselines.metric) & set(panels), "no stored baseline to check against"
     for name, ax in panels.items():
         finite = np.isfinite(own[own.metric == name].value).sum()
-        assert sum(len(c.get_offsets()) for c in ax.collections) == finite, name
+        points = {c.get_gid(): len(c.get_offsets()) for c in ax.collections}
+        assert points.get("points:default", 0) == finite, name
+        assert points.get("points:prior", 0) == np.isfinite(own[own.metric == f"{name}_prior"].value).sum(), name
         lines = {line.get_gid().split(":")[1]: line for line in ax.get_lines()
                  if (line.get_gid() or "").startswith("baseline:")}
         stored = baselines[baselines.metric == name].set_index("split")["value"]
@@ -325,7 +328,7 @@ def test_report_renders_every_figure_in_headless_chromium(report, tmp_path):
 def test_unreadable_checkpoint_is_reported_not_fatal(tmp_path):
     from types import SimpleNamespace
 
-    from analysis.figures import HeldOutSets, trial_outputs
+    from analysis.inference import HeldOutSets, trial_outputs
 
     bad = tmp_path / "best.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -280,10 +280,13 @@ def checkpoint_of(tmp_path, cache: Cache):
     from galaxygen.checkpoint import save
     from galaxygen.config import TrainConfig
     from galaxygen.models import build_model
+    from galaxygen.models.latent_prior import LatentPrior
+    from galaxygen.models.vae import posterior_means
 
     config = TrainConfig(model="cnn", data=str(cache.path)).resolved()
     torch.manual_seed(0)
     model = build_model(config)
+    model.latent_prior = LatentPrior.fit(posterior_means(model, cache.images[cache.indices("train")]))
     path = tmp_path / "runs" / "trial-7" / "checkpoints" / "last.pt"
     save(path, config=config.to_dict(), model=model.state_dict(), epoch=2, step=20)
     return path, model, config
@@ -292,8 +295,9 @@ def checkpoint_of(tmp_path, cache: Cache):
 def test_evaluate_model_cli_and_shards_agree(tmp_path, cache, base, capsys):
     path, model, config = checkpoint_of(tmp_path, cache)
     n = 12
-    assert np.array_equal(sample_images(model, n, seed=3), sample_images(model, n, seed=3))
-    assert not np.array_equal(sample_images(model, n, seed=3), sample_images(model, n, seed=4))
+    assert np.array_equal(sample_images(model, n, "fitted", seed=3), sample_images(model, n, "fitted", seed=3))
+    assert not np.array_equal(sample_images(model, n, "fitted", seed=3), sample_images(model, n, "fitted", seed=4))
+    assert not np.array_equal(sample_images(model, n, "fitted", seed=3), sample_images(model, n, "prior", seed=3))
 
     out = tmp_path / "results" / "sweep"
     assert cli.main([str(path), "--n", str(n), "--seed", "3", "--workers", "1", "--no-progress", "--out", str(out),
@@ -304,7 +308,12 @@ def test_evaluate_model_cli_and_shards_agree(tmp_path, cache, base, capsys):
     assert metrics["eval_n"] == n and "probe_r2_bulge_frac" in metrics
     for name in metrics:
         assert direction(name) in ("lower", "higher", "one", "info"), name
-    assert set(metrics) - {k for k in metrics if k.startswith("probe_r2_")} <= set(METRICS)
+    assert set(metrics) - {k for k in metrics if k.startswith("probe_r2_")} <= set(METRICS) | {
+        f"{k}_prior" for k in METRICS}
+    # both latents scored: the fitted prior under the plain names, N(0, I) as <metric>_prior, different samples
+    assert direction("fid_domain_prior") == "lower" and metrics["fid_domain_prior"] != metrics["fid_domain"]
+    assert {k for k in metrics if k.endswith("_prior")} == {f"{k}_prior" for k in metrics
+                                                            if not k.endswith("_prior") and k in METRICS and k != "eval_n"}
 
     from galaxygen.results import ResultsStore
 

@@ -12,7 +12,7 @@ from galaxygen import distributed
 from galaxygen.config import TrainConfig
 from galaxygen.losses import elbo_loss, kl_per_dim, warmup_factor
 from galaxygen.models import build_model
-from galaxygen.train import VAEObjective
+from galaxygen.models.vae import VAEObjective
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from galaxygen import checkpoint
 from galaxygen.config import TrainConfig
 from galaxygen.data import Cache
 from galaxygen.data.loader import to_float
-from galaxygen.models import build_model
+from galaxygen.models import build_model, generate
 from galaxygen.sample import main
 from galaxygen.train import run
 
@@ -36,9 +36,9 @@ def tiles(grid: np.ndarray, size: int = 64, pad: int = 2) -> list[np.ndarray]:
             for r in range(rows) for c in range(cols)]
 
 
-def test_prior_grid_has_n_tiles_and_is_reproducible_from_the_seed(run_dir, tmp_path, capsys):
+def test_sample_grid_has_n_tiles_and_is_reproducible_from_the_seed(run_dir, tmp_path, capsys):
     assert main([str(run_dir), "--n", "6", "--cols", "3", "--out", str(tmp_path / "a.png")]) == 0
-    assert "6 samples from the prior of cnn" in capsys.readouterr().out
+    assert "6 samples (latent: fitted prior) of cnn" in capsys.readouterr().out
     a = grid_of(tmp_path / "a.png")
     assert a.shape == (2 + 2 * 66, 2 + 3 * 66, 3)
     parts = tiles(a)
@@ -47,6 +47,20 @@ def test_prior_grid_has_n_tiles_and_is_reproducible_from_the_seed(run_dir, tmp_p
     main([str(run_dir), "--n", "6", "--cols", "3", "--seed", "1", "--out", str(tmp_path / "c.png")])
     assert np.array_equal(a, grid_of(tmp_path / "b.png"))
     assert not np.array_equal(a, grid_of(tmp_path / "c.png"))
+
+
+def test_latent_chooses_the_fitted_prior_by_default_or_the_standard_normal(run_dir, tmp_path, capsys):
+    model, _ = checkpoint.load_model(run_dir / "checkpoints" / "best.pt")
+    assert model.latent_prior is not None  # training stored it with the checkpoint
+    expected = {latent: (generate(model, 4, latent, seed=0).permute(0, 2, 3, 1).numpy() * 255).round()
+                for latent in ("fitted", "prior")}
+    assert not np.array_equal(expected["fitted"], expected["prior"])
+    for args, latent in (([], "fitted"), (["--latent", "fitted"], "fitted"), (["--latent", "prior"], "prior")):
+        out = tmp_path / f"{latent}-{len(args)}.png"
+        assert main([str(run_dir), "--n", "4", "--cols", "4", *args, "--out", str(out)]) == 0
+        for shown, image in zip(tiles(grid_of(out)), expected[latent]):
+            assert np.abs(shown.astype(int) - image).max() <= 1
+    assert "latent: N(0, I)" in capsys.readouterr().out
 
 
 def test_reconstruction_pairs_show_the_held_out_inputs_above_their_outputs(run_dir, blob_cache, tmp_path):
@@ -72,6 +86,7 @@ def test_bad_requests_get_one_clear_error(run_dir, tmp_path, blob_cache):
     checkpoint.save(gan, config=config.to_dict(), model=build_model(config).state_dict())
     assert main([str(gan), "--n", "4", "--out", str(tmp_path / "g.png")]) == 0  # a GAN samples ...
     cases = [([str(gan), "--reconstruct"], "no encoder"),  # ... but cannot reconstruct
+             ([str(gan), "--latent", "fitted"], "dcgan samples from prior"),  # ... nor use a fitted prior
              ([str(tmp_path / "missing")], "no checkpoint at"),
              ([str(run_dir), "--reconstruct", "--data", str(tmp_path)], "not a galaxygen cache")]
     for args, message in cases:

@@ -74,6 +74,18 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
     run_dir = store.run_dir("trial")
     model, config = checkpoint.load_model(run_dir / "checkpoints" / "best.pt")
     assert config.model == "cnn" and model.sample(4).shape == (4, 3, 64, 64)
+    # the objective picks the best checkpoint (a VAE's: lowest held-out negative ELBO) and the VAE's best checkpoint
+    # carries the latent prior fitted to its own weights (refitting gives the same mixture: deterministic)
+    nelbo = epochs.query("split == 'val' and metric == 'nelbo'").set_index("epoch")["value"]
+    assert checkpoint.load(run_dir / "checkpoints" / "best.pt")["epoch"] == nelbo.idxmin() == row["best_epoch"]
+    from galaxygen.models.latent_prior import LatentPrior, fit_rows
+    from galaxygen.models.vae import posterior_means
+    from galaxygen.train import open_data
+
+    data = open_data(config)
+    refit = LatentPrior.fit(posterior_means(model, data.cache.images[fit_rows(data.train)]))
+    for stored, again in zip(model.latent_prior.state().values(), refit.state().values()):
+        torch.testing.assert_close(stored, again, rtol=1e-4, atol=1e-4)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tb")).Reload()

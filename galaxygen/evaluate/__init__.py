@@ -1,14 +1,15 @@
 """Offline, galaxy-aware sample-quality metrics of a generative model (issue 7).
 
-`evaluate_model(model, config, cache, n, workers, seed)` draws n samples from the prior and returns
-flat metrics (see `METRICS` for names and directions); `baseline_metrics(cache, n)` gives the same metrics
-for real-vs-real and a one-image generator. Real-side statistics and the domain encoder are cached
+`evaluate_model(model, config, cache, n, workers, seed)` draws n samples from each latent distribution of
+the model's family and returns flat metrics (see `METRICS` for names and directions): the family's default
+latent (a VAE's fitted latent prior, a GAN's input distribution) under the plain names, the others with the
+suffix `_<latent>` (a VAE's `fid_domain_prior`: decoded from N(0, I)). `baseline_metrics(cache, n)` gives the
+same metrics for real-vs-real and a one-image generator. Real-side statistics and the domain encoder are cached
 per dataset under `galaxygen.home()/encoders/`, so each call pays only for its own samples.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -16,10 +17,12 @@ import time
 import numpy as np
 import torch
 
+from galaxygen.models import MODELS, generate
+
 log = logging.getLogger(__name__)
 
 __all__ = ["METRICS", "MORPH_STATS", "evaluate_model", "evaluate_images", "baseline_metrics", "metric_rows",
-           "sample_images", "open_cache", "prepare", "direction", "latent_probes"]
+           "sample_images", "open_cache", "prepare", "direction", "base_metric", "latent_probes"]
 
 MORPH_STATS = ("concentration", "asymmetry", "smoothness", "gini", "m20", "ellipticity", "sersic_n", "r_half")
 # name -> "lower" (lower is better), "higher" (higher is better), "one" (1 is ideal) or "info"
@@ -43,9 +46,26 @@ METRICS: dict[str, str] = {
 DEFAULT_N = 100
 
 
+LATENTS = tuple(dict.fromkeys(latent for spec in MODELS.values() for latent in spec.family.latents))
+
+
+def base_metric(metric: str) -> tuple[str, str]:
+    """(metric name without its latent suffix, the latent or "" for the family's default): fid_domain_prior ->
+    (fid_domain, prior)."""
+    for latent in LATENTS:
+        if metric.endswith(f"_{latent}") and direction(metric.removesuffix(f"_{latent}")) != "info":
+            return metric.removesuffix(f"_{latent}"), latent
+    return metric, ""
+
+
 def direction(metric: str) -> str:
-    """'lower', 'higher', 'one' or 'info' for a metric name."""
-    return "higher" if metric.startswith("probe_r2_") else METRICS.get(metric, "info")
+    """'lower', 'higher', 'one' or 'info' for a metric name (with or without a latent suffix)."""
+    if metric.startswith("probe_r2_"):
+        return "higher"
+    if metric in METRICS:
+        return METRICS[metric]
+    name, latent = base_metric(metric)
+    return METRICS.get(name, "info") if latent else "info"
 
 
 def open_cache(cache=None, config=None):
@@ -57,24 +77,10 @@ def open_cache(cache=None, config=None):
     return Cache.open(resolve_cache(cache or getattr(config, "data", "")))
 
 
-@torch.no_grad()
-def sample_images(model: torch.nn.Module, n: int, seed: int = 0, batch_size: int = 256) -> np.ndarray:
-    """n samples from the model's prior as uint8 (n, S, S, 3), deterministic for a seed."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    takes_generator = "generator" in inspect.signature(model.sample).parameters
-    generator = torch.Generator(device=device).manual_seed(seed)
-    parts = []
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for i in range(0, n, batch_size):
-            k = min(batch_size, n - i)
-            x = model.sample(k, generator=generator) if takes_generator else model.sample(k)
-            parts.append((x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(parts)
+def sample_images(model: torch.nn.Module, n: int, latent: str, seed: int = 0) -> np.ndarray:
+    """n samples of the model from `latent` as uint8 (n, S, S, 3), deterministic for a seed (see models.generate)."""
+    images = generate(model, n, latent, seed)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def prepare(cache=None, n: int = DEFAULT_N, workers: int = 1, progress: bool = True, inception=None):
@@ -117,33 +123,39 @@ def latent_probes(model: torch.nn.Module, ref) -> dict[str, float]:
     """probe_r2_<param>: held-out R^2 of linear probes from the posterior mean (VAEs, datasets with labels)."""
     from galaxygen.evaluate import baselines as base
     from galaxygen.evaluate import probes
+    from galaxygen.models.vae import posterior_means
 
     if not hasattr(model, "encode") or not ref.meta["labels"]:
         return {}
     train_rows, test_rows = base.probe_rows(ref)
-    was_training = model.training
-    mu_train = probes.posterior_means(model, ref.cache.images[train_rows])
-    mu_test = probes.posterior_means(model, ref.cache.images[test_rows])
-    model.train(was_training)
+    mu_train = posterior_means(model, ref.cache.images[train_rows])
+    mu_test = posterior_means(model, ref.cache.images[test_rows])
     return probes.probe_r2(mu_train, base.truth(ref, train_rows), mu_test, base.truth(ref, test_rows))
 
 
-def evaluate_model(model: torch.nn.Module, config=None, cache=None, n: int = DEFAULT_N, workers: int = 1,
+def evaluate_model(model: torch.nn.Module, config, cache=None, n: int = DEFAULT_N, workers: int = 1,
                    seed: int = 0, progress: bool = True, inception: str | os.PathLike | None = None,
-                   morph=None) -> dict[str, float]:
-    """Sample n galaxies from the prior (seeded) and return every metric as a flat {name: value} dict.
+                   morph=None, latents: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Sample n galaxies (seeded) from each of `latents` (default: every latent of the model's family) and
+    return every metric as a flat {name: value} dict: the family's default latent under the plain names,
+    the others with the suffix _<latent>.
 
-    cache: a Cache, a cache path, or None for `config.data` / the built-in synthetic galaxies.
-    n is capped at half the held-out pool (val + test). `morph` (optional) is a precomputed
-    morphology.measure table of the samples (the sharded SLURM path).
+    config: the model's TrainConfig. cache: a Cache, a cache path, or None for `config.data` / the built-in
+    synthetic galaxies. n is capped at half the held-out pool (val + test). `morph` (optional) is a
+    precomputed morphology.measure table of the first latent's samples (the sharded SLURM path).
     """
     from galaxygen.evaluate.reference import Reference
 
     start = time.time()
+    family = MODELS[config.model].family
     ref = Reference(open_cache(cache, config), n, workers, progress, inception)
-    out = _compare(ref, sample_images(model, ref.n, seed), morph)
+    out: dict[str, float] = {}
+    for i, latent in enumerate(latents or family.latents):
+        metrics = _compare(ref, sample_images(model, ref.n, latent, seed), morph if i == 0 else None)
+        suffix = "" if latent == family.latents[0] else f"_{latent}"
+        out.update({f"{k}{suffix}" if k != "eval_n" else k: v for k, v in metrics.items()})
     out.update(latent_probes(model, ref))
-    log.info("evaluated %d samples in %.1f s", ref.n, time.time() - start)
+    log.info("evaluated %d samples per latent in %.1f s", ref.n, time.time() - start)
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from galaxygen.cli import positive
+from galaxygen.evaluate import LATENTS
 from galaxygen.results import atomic_path
 
 log = logging.getLogger("galaxygen.evaluate")
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(val + test) galaxies (default 2000)")
     p.add_argument("--workers", type=positive, default=os.cpu_count() or 1, help="statmorph processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--latent", choices=LATENTS, default=None,
+                   help="score only the samples from this latent distribution (default: every one of the model's "
+                   "family: a VAE's fitted latent prior under the plain metric names and N(0, I) as <metric>_prior)")
     p.add_argument("--inception", default="", help="torchvision Inception-v3 weights file: also compute the "
                    "standard FID/KID (nothing is downloaded)")
     p.add_argument("--out", default="", help="results store folder RESULTS/SWEEP: also write the metrics there "
@@ -85,14 +89,14 @@ def shard_path(folder: Path, n: int, seed: int, index: int, count: int) -> Path:
     return folder / f"morph-n{n}-s{seed}-{index:04d}-of-{count:04d}.parquet"
 
 
-def run_shard(args, model, ref) -> int:
-    """Measure one shard of the samples' (and the missing reference galaxies') morphology."""
+def run_shard(args, model, ref, latents: tuple[str, ...]) -> int:
+    """Measure one shard of the first latent's samples' (and the missing reference galaxies') morphology."""
     from galaxygen.evaluate import morphology, sample_images
 
     index, count = args.shard
     folder = Path(args.shard_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    images = sample_images(model, ref.n, args.seed)
+    images = sample_images(model, ref.n, latents[0], args.seed)
     block = np.array_split(np.arange(ref.n), count)[index]
     table = morphology.measure(images[block], args.workers, not args.no_progress)
     table.insert(0, "sample", block)
@@ -152,20 +156,28 @@ def main(argv: list[str] | None = None) -> int:
     from galaxygen.checkpoint import load, load_model
     from galaxygen.data import CacheError
     from galaxygen.evaluate.reference import Reference
+    from galaxygen.models import MODELS
 
     try:
         model, config = load_model(checkpoint)
         cache = evaluate.open_cache(args.data or None, config)
+        latents = MODELS[config.model].family.latents
+        if args.latent and args.latent not in latents:
+            raise ValueError(f"--latent {args.latent}: a {config.model} samples from {', '.join(latents)}")
+        latents = (args.latent,) if args.latent else latents
+        if "fitted" in latents and getattr(model, "latent_prior", None) is None:
+            raise ValueError(f"{checkpoint} has no fitted latent prior (written by an older galaxygen): "
+                             "pass --latent prior")
     except (CacheError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     progress = not args.no_progress
     ref = Reference(cache, args.n, args.workers, progress, args.inception or None)
     if args.shard:
-        return run_shard(args, model, ref)
+        return run_shard(args, model, ref, latents)
     morph = merged_shards(Path(args.shard_dir), ref.n, args.seed) if args.shard_dir else None
     metrics = evaluate.evaluate_model(model, config, cache, ref.n, args.workers, args.seed, progress,
-                                      args.inception or None, morph)
+                                      args.inception or None, morph, latents)
     base = evaluate.baseline_metrics(cache, ref.n, args.workers, progress, args.inception or None)
     print(format_table(metrics, base))
     if args.json:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import torch
-
-from galaxygen.data.loader import to_float
 
 RIDGE = 1e-3
 MAX_FIT = 2000
@@ -20,18 +17,6 @@ MAX_FIT = 2000
 def metric_name(column: str) -> str:
     """`probe_r2_<column>` with the column name made safe (lower case, [a-z0-9_])."""
     return "probe_r2_" + re.sub(r"[^a-z0-9_]+", "_", column.lower()).strip("_")
-
-
-@torch.no_grad()
-def posterior_means(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """mu of encode(x) for uint8 (N, S, S, 3) images, as float64 (N, latent_dim)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i : i + batch_size])
-        out.append(model.encode(x.to(device))[0].double().cpu().numpy())
-    return np.concatenate(out)
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float = RIDGE):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from galaxygen.models import register
-from galaxygen.models.vae import VAE
+from galaxygen.models.vae import FAMILY, VAE
 
 
 def conv_out(size: int, kernel: int = 5) -> int:
@@ -75,13 +75,13 @@ class ThreeConvVAE(VAE):
         return self.decoder(self.latent_mapping(z).view(-1, *self.shape))
 
 
-@register("cnn", "Table III convolutional VAE: conv 3-16-32 k5 with max-pool, latent 12, dropout 0.2",
+@register("cnn", "Table III convolutional VAE: conv 3-16-32 k5 with max-pool, latent 12, dropout 0.2", FAMILY,
           fixed_depth=True, latent_dim=12, width=16, depth=2, dropout=0.2)
 def cnn(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return TableIIIVAE(image_size, latent_dim, width, dropout)
 
 
-@register("cnn3", "the report's first convolutional VAE: conv 3-8-16-32 k5, no pooling",
+@register("cnn3", "the report's first convolutional VAE: conv 3-8-16-32 k5, no pooling", FAMILY,
           fixed_depth=True, latent_dim=12, width=8, depth=3, dropout=0.2)
 def cnn3(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return ThreeConvVAE(image_size, latent_dim, width, dropout)

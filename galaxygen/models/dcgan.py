@@ -27,12 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from galaxygen.models import register
+from galaxygen.models import Family, autocast_args, register
 from galaxygen.models.resvae import BOTTLENECK, check_size
 
 
@@ -101,8 +102,6 @@ def frozen(module: nn.Module) -> Iterator[None]:
 class DCGAN(nn.Module):
     """Generator + spectrally normalised discriminator trained with the hinge loss (see module docstring)."""
 
-    kind = "gan"
-
     def __init__(self, image_size: int, latent_dim: int, width: int, dropout: float):
         super().__init__()
         self.image_size = image_size
@@ -114,8 +113,10 @@ class DCGAN(nn.Module):
         return self.generator(z)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n generated images (n, 3, S, S) in [0, 1] from z ~ N(0, I)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, latent: str = "prior") -> torch.Tensor:
+        """n generated images (n, 3, S, S) in [0, 1] from z ~ N(0, I), the generator's input distribution."""
+        if latent not in FAMILY.latents:
+            raise ValueError(f"a GAN samples only from its input distribution (latent 'prior'), got {latent!r}")
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         return self.generator(z)
@@ -136,7 +137,82 @@ class DCGAN(nn.Module):
         return loss, {"loss_g": float(loss.detach()), "d_fake": float(d_fake.detach().mean())}
 
 
-@register("dcgan", "DCGAN (BatchNorm G, spectral-norm D) with the hinge loss: the report's GAN, fixed",
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks with one all-reduce of the flattened gradients (no-op in one process)."""
+    if not torch.distributed.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class GANObjective:
+    """One discriminator step and one generator step of a GAN (gradients averaged across ranks).
+
+    A GAN has no held-out likelihood, and its losses measure the generator only against the discriminator
+    of the moment, so they do not rank epochs: the best checkpoint is the latest.
+    """
+
+    def __init__(self, model: DCGAN, config, env, device: torch.device):
+        self.model = model
+        self.config = config
+        betas = (0.5, 0.999)
+        self.opt_d = torch.optim.AdamW(model.discriminator.parameters(), lr=config.lr, betas=betas,
+                                       weight_decay=config.weight_decay)
+        self.opt_g = torch.optim.AdamW(model.generator.parameters(), lr=config.lr, betas=betas,
+                                       weight_decay=config.weight_decay)
+        self.optimizers = [self.opt_d, self.opt_g]
+        self.autocast = autocast_args(config, device)
+
+    def _step(self, loss: torch.Tensor, opt, params) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        opt.step()
+
+    def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        z = torch.randn(len(x), self.model.latent_dim, device=x.device)
+        with torch.autocast(**self.autocast):
+            fake = self.model.generator(z)
+            loss_d, parts_d = self.model.d_loss(x, fake.detach())
+        self._step(loss_d, self.opt_d, list(self.model.discriminator.parameters()))
+        with torch.autocast(**self.autocast):
+            loss_g, parts_g = self.model.g_loss(fake)
+        self._step(loss_g, self.opt_g, list(self.model.generator.parameters()))
+        out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
+        out["loss_d"], out["loss_g"] = loss_d.detach(), loss_g.detach()
+        out["loss"] = out["loss_d"] + out["loss_g"]
+        return out
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fake = self.model.sample(len(x))
+        loss_d, parts_d = self.model.d_loss(x, fake)
+        loss_g, parts_g = self.model.g_loss(fake)
+        out = {k: torch.as_tensor(float(v)) for k, v in {**parts_d, **parts_g}.items()}
+        out["loss_d"], out["loss_g"] = loss_d, loss_g
+        out["loss"] = loss_d + loss_g
+        return out
+
+    def score(self, summary: dict) -> float:
+        """Lower is better: minus the epoch, so the latest checkpoint is the best."""
+        return -float(summary["epoch"])
+
+    def before_checkpoint(self, images: np.ndarray, train_rows: np.ndarray) -> None:
+        """Nothing beside the weights: a GAN samples from its fixed input distribution."""
+
+
+FAMILY = Family("gan", GANObjective, ("prior",))
+
+
+@register("dcgan", "DCGAN (BatchNorm G, spectral-norm D) with the hinge loss: the report's GAN, fixed", FAMILY,
           fixed_depth=True, latent_dim=64, width=32, depth=1, dropout=0.0, lr=2e-4)
 def dcgan(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return DCGAN(image_size, latent_dim, width, dropout)

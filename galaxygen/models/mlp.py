@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from galaxygen.models import register
-from galaxygen.models.vae import VAE
+from galaxygen.models.vae import FAMILY, VAE
 
 
 def hidden_sizes(width: int, depth: int) -> list[int]:
@@ -47,13 +47,13 @@ class MLPVAE(VAE):
         return out.view(-1, 3, self.image_size, self.image_size)
 
 
-@register("mlp1", "MLP VAE 1 (Table I): input-10-5, latent 2, no dropout", latent_dim=2, width=10, depth=2,
-          dropout=0.0)
+@register("mlp1", "MLP VAE 1 (Table I): input-10-5, latent 2, no dropout", FAMILY,
+          latent_dim=2, width=10, depth=2, dropout=0.0)
 def mlp1(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return MLPVAE(image_size, latent_dim, width, dropout, depth)
 
 
-@register("mlp2", "MLP VAE 2 (Table II): input dropout 0.2, input-40-20, latent 10", latent_dim=10, width=40,
-          depth=2, dropout=0.2)
+@register("mlp2", "MLP VAE 2 (Table II): input dropout 0.2, input-40-20, latent 10", FAMILY,
+          latent_dim=10, width=40, depth=2, dropout=0.2)
 def mlp2(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return MLPVAE(image_size, latent_dim, width, dropout, depth)

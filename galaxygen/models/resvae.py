@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from galaxygen.models import register
-from galaxygen.models.vae import VAE
+from galaxygen.models.vae import FAMILY, VAE
 
 BOTTLENECK = 4  # spatial size of the deepest feature map
 
@@ -106,6 +106,6 @@ class ResVAE(VAE):
 
 
 @register("resvae", "residual conv VAE after Lanusse et al. 2021: GroupNorm+SiLU ResNet blocks, 4x4 bottleneck",
-          latent_dim=32, width=32, depth=1, dropout=0.0, lr=1e-3)
+          FAMILY, latent_dim=32, width=32, depth=1, dropout=0.0, lr=1e-3)
 def resvae(image_size: int, latent_dim: int, width: int, depth: int, dropout: float) -> nn.Module:
     return ResVAE(image_size, latent_dim, width, dropout, depth)

@@ -1,9 +1,17 @@
-"""What every VAE shares: the Gaussian reparameterisation and sampling from the prior."""
+"""The VAE family: the Gaussian reparameterisation, sampling from N(0, I) or a fitted latent prior, and the
+objective (the ELBO of galaxygen.losses; the best checkpoint has the lowest held-out negative ELBO)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from galaxygen.data.loader import to_float
+from galaxygen.losses import elbo_loss, warmup_factor
+from galaxygen.models import Family, autocast_args
+from galaxygen.models.latent_prior import LatentPrior, fit_rows
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -12,10 +20,14 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 class VAE(nn.Module):
-    """Base class: subclasses define `encoder_features`, `to_mu`, `to_logvar` and `decode_logits`."""
+    """Base class: subclasses define `encoder_features`, `to_mu`, `to_logvar` and `decode_logits`.
 
-    kind = "vae"
+    `latent_prior` (a LatentPrior fitted to the aggregate posterior, or None) is part of the model's state
+    (its extra state), so it is checkpointed and loaded with the weights it was fitted to.
+    """
+
     latent_dim: int
+    latent_prior: LatentPrior | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder_features(x)
@@ -30,13 +42,96 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decode_logits(z))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images decoded from z ~ N(0, I), the prior (not reconstructions)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, latent: str = "prior") -> torch.Tensor:
+        """n images decoded from z ~ N(0, I) ("prior") or from the fitted latent prior ("fitted")."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        if latent == "prior":
+            z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        elif latent == "fitted":
+            if self.latent_prior is None:
+                raise ValueError("this VAE has no fitted latent prior (training fits one into every checkpoint); "
+                                 "sample with latent 'prior' instead")
+            z = self.latent_prior.sample(n, generator, device)
+        else:
+            raise ValueError(f"latent must be one of {', '.join(FAMILY.latents)}, got {latent!r}")
         return self.decode(z)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         mu, _ = self.encode(x)
         return self.decode(mu)
+
+    def get_extra_state(self) -> dict:
+        return {"latent_prior": self.latent_prior.state()} if self.latent_prior is not None else {}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.latent_prior = LatentPrior.from_state(state["latent_prior"]) if state.get("latent_prior") else None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "_extra_state" not in state_dict:  # written before VAEs had a fitted prior
+            state_dict = {**state_dict, "_extra_state": {}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+@torch.no_grad()
+def posterior_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """mu of encode(x) for uint8 (N, S, S, 3) images, as float64 (N, latent_dim), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model.encode(to_float(images[i : i + batch_size]).to(device))[0].double().cpu().numpy()
+           for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+class VAEObjective:
+    """One optimisation step and one held-out evaluation of a VAE under the ELBO.
+
+    The best checkpoint has the lowest held-out negative ELBO (alpha = 1, so comparable across KL weights),
+    and every checkpoint carries a latent prior fitted to the posterior means of its training galaxies.
+    """
+
+    def __init__(self, model, config, env, device: torch.device):
+        self.model = model
+        self.config = config
+        self.net = DistributedDataParallel(model) if env.enabled else model
+        self.optimizers = [torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+        self.autocast = autocast_args(config, device)
+
+    def loss(self, x: torch.Tensor, alpha: float):
+        with torch.autocast(**self.autocast):
+            logits, mu, logvar = self.net(x)
+        return elbo_loss(logits, x, mu, logvar, recon_loss=self.config.recon_loss, alpha=alpha,
+                         free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
+
+    def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        alpha = self.config.alpha * warmup_factor(progress, self.config.kl_warmup_epochs)
+        parts = self.loss(x, alpha)
+        opt = self.optimizers[0]
+        opt.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        opt.step()
+        return {k: v.detach() for k, v in vars(parts).items()}
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Held-out parts with z sampled from q(z|x) (the ELBO is an expectation over q), dropout off."""
+        mu, logvar = self.model.encode(x)
+        parts = elbo_loss(self.model.decode_logits(reparameterize(mu, logvar)), x, mu, logvar,
+                          recon_loss=self.config.recon_loss, alpha=self.config.alpha,
+                          free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
+        return dict(vars(parts))
+
+    def score(self, summary: dict) -> float:
+        """Lower is better: the held-out negative ELBO in nats/image."""
+        return summary["val_nelbo"]
+
+    def before_checkpoint(self, images: np.ndarray, train_rows: np.ndarray) -> None:
+        """Fit the latent prior to the posterior means of (a fixed sample of) the training galaxies."""
+        self.model.latent_prior = LatentPrior.fit(posterior_means(self.model, images[fit_rows(train_rows)]))
+
+
+FAMILY = Family("vae", VAEObjective, ("fitted", "prior"))
