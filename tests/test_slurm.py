@@ -481,6 +481,28 @@ def test_end_of_trial_evaluation_as_its_own_cpu_job_after_training(cluster, blob
 
 
 @pytest.mark.slurm
+def test_sweeps_evaluate_runs_a_morphology_array_then_the_merge(cluster, blob_cache, tmp_path):
+    from galaxygen.train import run
+    from sweeps import evaluate
+
+    config = tiny_config(blob_cache, epochs=1)
+    run(config, tmp_path / "r", "ev", trial_id="t1")
+    store = ResultsStore(tmp_path / "r", "ev")
+    shards = tmp_path / "shards"
+    assert evaluate.main([str(store.checkpoint("t1", "best")), "--n", "8", "--shards", "2", "--shard-dir", str(shards),
+                          "--out", str(store.dir), "--cpus-per-task", "1"]) == 0
+    names = ("galaxygen-eval-morph", "galaxygen-eval-merge")
+    wait_until(lambda: not [j for j in squeue() if j[1] in names], 240, "the evaluation jobs to finish", interval=2)
+    assert len(list(shards.glob("morph-n8-*-of-0002.parquet"))) == 2, list(shards.iterdir())
+    rows = store.metrics("t1")
+    assert {"eval", "eval_real_vs_real", "eval_one_image"} <= set(rows["split"]), sorted(set(rows["split"]))
+    scripts = {int(p.name.split("_")[0]): p.read_text() for p in (shards / "slurm").glob("*_submission.sh")}
+    (array_id, array), (_, merge) = sorted(scripts.items())  # the array is submitted first
+    assert "#SBATCH --array=0-1" in array and f"#SBATCH --dependency=afterok:{array_id}" in merge
+    assert "#SBATCH --cpus-per-task=1" in array and "export PYTHONPATH=" + str(shards / "code") in array
+
+
+@pytest.mark.slurm
 def test_tune_early_stop_cancels_the_job_and_a_failing_job_records_its_traceback(cluster, blob_cache, tmp_path):
     import ray
     from ray import tune
