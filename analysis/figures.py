@@ -14,7 +14,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from analysis import plots
-from analysis.inference import N_LATENT, N_SAMPLES, TRUTH_COLUMNS, HeldOutSets, TrialOutputs, trial_outputs
+from analysis.inference import (
+    N_COLOUR,
+    N_LATENT,
+    N_SAMPLES,
+    TRUTH_COLUMNS,
+    HeldOutSets,
+    TrialOutputs,
+    trial_outputs,
+)
 from analysis.report import FigureEntry, write_report
 from analysis.tables import (
     AnalysisError,
@@ -31,7 +39,7 @@ from galaxygen.results import ResultsStore
 log = logging.getLogger(__name__)
 
 FIGURE_NAMES = ("loss_curves", "elbo_curves", "within_epoch_loss", "gan_losses", "eval_metrics", "samples",
-                "reconstructions", "latent_concentration", "latent_best")
+                "reconstructions", "colour", "latent_concentration", "latent_best")
 
 
 def render(data: SweepData, out: Path, source: str, n_latent: int = N_LATENT, statmorph: bool = False,
@@ -114,8 +122,27 @@ def checkpoint_figures(data: SweepData, heldouts: HeldOutSets, add) -> list[str]
         add(lambda: plots.recon_pairs(data, inputs, {u: o.recon for u, o in outputs.items()}, reason("recon")),
             "reconstructions", "Reconstructions", "Held-out galaxies (left) and each trial's reconstruction "
             "decode(mu) (report Figure 5).")
+    colour_figure(data, outputs, add)
     latent_figures(data, outputs, reason("latent"), add)
     return notes
+
+
+def colour_figure(data: SweepData, outputs: dict[str, TrialOutputs], add) -> None:
+    """Colour index of real held-out galaxies against each trial's samples, and the best trial's
+    reconstructions against their inputs."""
+    held = next((o.held for o in outputs.values() if o.held is not None), None)
+    if held is None:
+        return
+    best = best_uid(data)
+    recon = outputs[best].recon_colour if best in outputs else None
+    label = data.trials.set_index("uid").loc[best, "label"] if recon is not None else ""
+    add(lambda: plots.colour_figure(data, held.colour, {u: o.sample_colour for u, o in outputs.items()},
+                                    (label, held.colour, recon) if recon is not None else None),
+        "colour", "Colour of real and generated galaxies",
+        f"A g-r-like colour index, -2.5 log10 of the blue over the red channel's sky-subtracted flux summed over "
+        f"each galaxy's segment, for {N_COLOUR} held-out galaxies (grey) and {N_COLOUR} samples per trial (same "
+        "latents as the sample figure), with their 1-D Wasserstein distance in units of the real spread (the "
+        "evaluation's colour_w); right: the best trial's reconstructions against their inputs.", optional=True)
 
 
 LATENT_CAPTIONS = {

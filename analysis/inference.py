@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from analysis.tables import AnalysisError, SweepData, short
 from galaxygen.data.loader import to_float
+from galaxygen.evaluate.morphology import colours
 from galaxygen.models import MODELS, generate
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 N_SAMPLES = 32
 N_RECON = 6
 N_LATENT = 256
+N_COLOUR = 64  # samples per trial, and held-out galaxies and their reconstructions, whose colour is measured
 SEED = 0
 TRUTH_COLUMNS = {"bulge_frac": "bulge fraction (truth)", "ellipticity": "ellipticity (truth)",
                  "class": "class (truth)", "hlr_px": "half-light radius [px] (truth)",
@@ -38,6 +40,7 @@ class HeldOut:
     images: np.ndarray
     catalog: pd.DataFrame
     concentration_name: str
+    colour: np.ndarray  # colour index of the first N_COLOUR images (galaxygen.evaluate.morphology.colours)
 
 
 @dataclass
@@ -47,6 +50,8 @@ class TrialOutputs:
 
     samples: np.ndarray | None = None
     latent_name: str = ""
+    sample_colour: np.ndarray | None = None  # colour index of N_COLOUR samples
+    recon_colour: np.ndarray | None = None  # ... of the reconstructions of the held-out set's first N_COLOUR
     recon: np.ndarray | None = None
     latent: tuple[np.ndarray, str, tuple | None] | None = None
     held: HeldOut | None = None
@@ -151,7 +156,7 @@ def held_out(path: Path, n: int, statmorph: bool = False) -> HeldOut:
         values = light_concentration(images)
     catalog = cache.catalog.iloc[idx].reset_index(drop=True)
     catalog["concentration"] = values
-    return HeldOut(images, catalog, name)
+    return HeldOut(images, catalog, name, colours(images[:N_COLOUR]))
 
 
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
@@ -244,7 +249,8 @@ def model_outputs(out: TrialOutputs, model, config, row, inputs: np.ndarray, hel
     `inputs` and the latent of held-out galaxies."""
     family = MODELS[config.model].family
     out.latent_name = family.latents[0]
-    out.samples = to_images(generate(model, N_SAMPLES, out.latent_name, SEED))
+    samples = to_images(generate(model, max(N_SAMPLES, N_COLOUR), out.latent_name, SEED))
+    out.samples, out.sample_colour = samples[:N_SAMPLES], colours(samples[:N_COLOUR] * 255)
     if not hasattr(model, "encode"):
         out.reasons["recon"] = out.reasons["latent"] = f"{family.kind}: no encoder"
         return
@@ -257,5 +263,7 @@ def model_outputs(out: TrialOutputs, model, config, row, inputs: np.ndarray, hel
     if isinstance(held, str):
         out.reasons["latent"] = held
         return
+    recon = model.reconstruct(to_tensor(held.images[:N_COLOUR], config.image_size))
+    out.recon_colour = colours(to_images(recon) * 255)
     mu, _ = model.encode(to_tensor(held.images, config.image_size))
     out.latent, out.held = project(mu.float().numpy()), held

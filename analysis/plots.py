@@ -19,6 +19,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from analysis.tables import SweepData, final_values, sort_key  # noqa: E402
 from galaxygen.evaluate import METRICS, base_metric, direction  # noqa: E402
+from galaxygen.evaluate.morphology import scaled_distance  # noqa: E402
 
 DPI = 110
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "figure.dpi": DPI})
@@ -427,4 +428,49 @@ def latent_indices(label: str, xy: np.ndarray, projection: str, explained: tuple
         ax.set_ylabel(yl)
         ax.grid(alpha=0.2)
     fig.suptitle(wrap(f"latent space of held-out galaxies, best trial: {label}", 90))
+    return fig
+
+
+COLOUR_LABEL = "colour index -2.5 log10(F_blue / F_red) (redder: larger)"
+
+
+def colour_figure(data: SweepData, real: np.ndarray, samples: dict[str, np.ndarray | None],
+                  best: tuple[str, np.ndarray, np.ndarray] | None) -> plt.Figure | None:
+    """Colour of real vs generated galaxies: the colour index of held-out galaxies (grey) against each trial's
+    samples, with their distance in units of the real spread (as the evaluation's colour_w); and, for the best
+    trial (`best` = label, real colours, colours of their reconstructions), reconstruction against input."""
+    real = real[np.isfinite(real)]
+    drawn = {u: v[np.isfinite(v)] for u, v in samples.items() if v is not None and np.isfinite(v).sum() >= 3}
+    if len(real) < 3 or not drawn:
+        return None
+    colors = trial_colors(data)
+    fig, axes = plt.subplots(1, 2 if best else 1, figsize=(11 if best else 7, 3.8), squeeze=False,
+                             layout="constrained")
+    ax = axes[0][0]
+    values = np.concatenate([real, *drawn.values()])
+    bins = np.linspace(*np.percentile(values, [1, 99]), 30)
+    ax.hist(real, bins=bins, density=True, color="#bbb", label=f"real held-out (n={len(real)})", gid="colour:real")
+    for row in data.trials.itertuples():
+        if row.uid in drawn:
+            w = scaled_distance(drawn[row.uid], real)
+            ax.hist(np.clip(drawn[row.uid], bins[0], bins[-1]), bins=bins, density=True, histtype="step", lw=1.5,
+                    color=colors[row.uid], label=f"{tagged(row)} (W/spread {w:.2f})", gid=f"colour:{row.uid}")
+    ax.set_xlabel(COLOUR_LABEL)
+    ax.set_ylabel("density")
+    ax.set_title("samples against real galaxies")
+    legend_outside(ax, title=data.legend_title)
+    if best:
+        label, truth, recon = best
+        ax = axes[0][1]
+        ok = np.isfinite(truth) & np.isfinite(recon)
+        ax.scatter(truth[ok], recon[ok], s=10, color="#246", gid="colour:recon")
+        lo, hi = np.percentile(np.concatenate([truth[ok], recon[ok]]), [0, 100]) if ok.any() else (0, 1)
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="reconstruction = input")
+        ax.set_xlabel("input colour (held-out galaxy)")
+        ax.set_ylabel("colour of its reconstruction")
+        slope = np.polyfit(truth[ok], recon[ok], 1)[0] if ok.sum() >= 3 else float("nan")
+        ax.set_title(wrap(f"reconstructions, best trial {label} (slope {slope:.2f}; 1 keeps colour, 0 loses it)", 60))
+        ax.legend(loc="upper left", frameon=False)
+        ax.grid(alpha=0.3)
+    fig.suptitle("colour of real and generated galaxies (over each galaxy's segment, sky subtracted per channel)")
     return fig

@@ -23,7 +23,7 @@ from tests.conftest import run_launcher
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FIGURES = ("loss_curves", "elbo_curves", "within_epoch_loss", "eval_metrics", "samples", "reconstructions",
-           "latent_concentration", "latent_best")
+           "colour", "latent_concentration", "latent_best")
 SWEEP = "dropout-tiny"
 
 
@@ -335,3 +335,29 @@ def test_unreadable_checkpoint_is_reported_not_fatal(tmp_path):
     row = SimpleNamespace(checkpoint=str(bad), status="completed", error=None, trial_id="x", data="")
     out = trial_outputs(row, np.zeros((0, 64, 64, 3), np.uint8), HeldOutSets(8))
     assert out.samples is None and out.reasons["samples"].startswith("checkpoint unreadable")
+
+
+def test_colour_figure_shows_real_against_each_trials_samples_and_the_best_reconstructions(sweep_dir, report):
+    from analysis.inference import N_COLOUR, HeldOutSets, trial_outputs
+
+    assert 'data-figure="colour"' in report.read_text() and "colour_w" in report.read_text()
+    data = load_sweep(sweep_dir)
+    heldouts = HeldOutSets(N_COLOUR)
+    outputs = {row.uid: trial_outputs(row, np.zeros((0, 64, 64, 3), np.uint8), heldouts)
+               for row in data.trials.itertuples()}
+    drawn = {u: o for u, o in outputs.items() if o.sample_colour is not None}
+    assert drawn and all(len(o.sample_colour) == N_COLOUR and len(o.recon_colour) == N_COLOUR for o in drawn.values())
+    held = next(o.held for o in drawn.values())
+    assert np.isfinite(held.colour).mean() > 0.9  # the blobs are coloured: every segment has a colour
+    best = next(iter(drawn))
+    fig = plots.colour_figure(data, held.colour, {u: o.sample_colour for u, o in outputs.items()},
+                              ("best", held.colour, drawn[best].recon_colour))
+    hist, scatter = fig.axes[:2]
+    gids = {p.get_gid() for p in hist.patches} | {c.get_gid() for c in hist.containers if hasattr(c, "get_gid")}
+    assert "colour:real" in gids and {f"colour:{u}" for u in drawn} <= gids
+    labels = [t.get_text() for t in hist.get_legend().get_texts()]
+    assert sum("W/spread" in t for t in labels) == len(drawn)
+    points = next(c for c in scatter.collections if c.get_gid() == "colour:recon").get_offsets()
+    ok = np.isfinite(held.colour) & np.isfinite(drawn[best].recon_colour)
+    np.testing.assert_allclose(points, np.column_stack([held.colour[ok], drawn[best].recon_colour[ok]]))
+    plots.plt.close(fig)

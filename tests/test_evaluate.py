@@ -44,7 +44,7 @@ N = 60
 BLUR_SIGMA = 1.5
 # Every metric ranks real-vs-real < blurred copy < one-image generator in its own worse direction
 # (galaxygen.evaluate.direction), except these, whose meaningful behaviour is asserted instead:
-BLUR_NOT_WORSE_THAN_REAL = ("morph_w_r_half", "memorisation_ratio", "memorisation_copy_frac")
+BLUR_NOT_WORSE_THAN_REAL = ("morph_w_r_half", "memorisation_ratio", "memorisation_copy_frac", "colour_w")
 ONE_IMAGE_NOT_WORSE = ("morph_kept_frac", "morph_kept_frac_gap")
 # given only with an Inception weights file (never downloaded) or for a model with an encoder (probes)
 OPTIONAL = ("fid_inception", "kid_inception", "probe_r2_*")
@@ -196,6 +196,8 @@ def test_blurred_real_set_ranks_between_the_baselines(ref, base, blur_eval):
     real = ref.real_morphology(ref.rows_b)
     both = morph["ok"] & real["ok"]
     assert both.mean() > 0.9 and (morph.loc[both, "r_half"] > real.loc[both, "r_half"]).all()
+    # blur keeps each galaxy's colour (a linear filter per channel): its colour distance is the real band's
+    assert blur["colour_w"] < one["colour_w"] and abs(blur["colour_w"] - rvr["colour_w"]) < 0.1 * one["colour_w"]
     # blurred held-out galaxies copy no training image: they sit in the real band, not below real-vs-real
     assert 0.7 < blur["memorisation_ratio"] < 1.3 and blur["memorisation_copy_frac"] < 0.2
     # probes score a model's posterior: image sets (blurred, one-image) have none, see the collapsed-probe test
@@ -256,6 +258,26 @@ def test_size_shift_is_detected_by_the_size_distance(ref, base):
     assert big["morph_w_r_half"] > 3 * rvr["morph_w_r_half"]
     assert big["morph_w_r_half"] == max(big[f"morph_w_{s}"] for s in MORPH_STATS)
     assert big["morph_score"] > 1.5 * rvr["morph_score"]
+
+
+def test_colour_index_of_known_colours_and_a_colour_shift_is_detected(ref, base):
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    light = 200 * np.exp(-np.hypot(xx, yy) / 4)
+    image = 10 + light[..., None] * np.array([1.0, 0.75, 0.5])  # red twice the blue, sky 10 in every channel
+    row = morphology.measure_one(image.round())
+    assert row["colour"] == pytest.approx(-2.5 * np.log10(0.5), abs=0.02)  # a g-r-like index: red is large
+    assert morphology.colours(np.stack([image, image[..., ::-1]]).round())[1] == pytest.approx(-row["colour"], abs=0.02)
+    # the toy galaxies: red bulge, blue disk, so the colour follows the bulge fraction
+    real = ref.real_morphology(ref.rows_a)
+    bulge = ref.cache.catalog["bulge_frac"].to_numpy()[ref.rows_a]
+    ok = np.isfinite(real["colour"].to_numpy())
+    assert ok.mean() > 0.9 and np.corrcoef(bulge[ok], real["colour"].to_numpy()[ok])[0, 1] > 0.7
+    # the same galaxies made bluer (red x0.8, blue x1.25): shapes unchanged, colour far off
+    bluer = np.clip(ref.cache.images[ref.rows_b].astype(np.float64) * [0.8, 1.0, 1.25], 0, 255).round().astype(np.uint8)
+    shifted = ref.compare(bluer)
+    rvr = base["real_vs_real"]
+    assert shifted["colour_w"] > 5 * rvr["colour_w"]
+    assert shifted["morph_score"] < 2 * rvr["morph_score"]
 
 
 def test_parallel_measurement_matches_serial_and_is_cached(ref):

@@ -31,6 +31,7 @@ METRICS: dict[str, str] = {
     "morph_score": "lower",
     "morph_kept_frac": "higher",
     "morph_kept_frac_gap": "lower",
+    "colour_w": "lower",
     "fid_domain": "lower",
     "kid_domain": "lower",
     "fid_inception": "lower",

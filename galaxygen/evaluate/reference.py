@@ -26,7 +26,7 @@ from galaxygen.results import atomic_path
 log = logging.getLogger(__name__)
 
 REF_SEED = 0
-STATS_VERSION = 7  # bump when the cached real-side statistics or the metric definitions change
+STATS_VERSION = 8  # bump when the cached real-side statistics or the metric definitions change
 MIN_N = 5
 MAX_TRAIN = 20000
 MAX_MEMO_CALIBRATION = 500
@@ -35,6 +35,15 @@ MAX_MEMO_CALIBRATION = 500
 def _save_npz(path: Path, **arrays) -> None:
     with atomic_path(path, ".npz") as tmp:
         np.savez(tmp, **arrays)
+
+
+def read_pool(path: Path) -> pd.DataFrame | None:
+    """The measured real galaxies (one row per cache row), or None when there are none or they lack a column
+    of the current measurement (written by an older version: measured again)."""
+    if not path.exists():
+        return None
+    known = pd.read_parquet(path)
+    return known if set(morphology.COLUMNS) <= set(known.columns) else None
 
 
 class Reference:
@@ -116,14 +125,14 @@ class Reference:
         once; SLURM array shards (disjoint rows) pass False and only lock to merge their rows in.
         """
         path = self.dir / "morph_pool.parquet"
-        known = pd.read_parquet(path) if path.exists() else None
+        known = read_pool(path)
         if known is None or not np.isin(rows, known["row"]).all():
             with encoder.locked(self.dir, "morph.lock") if exclusive else contextlib.nullcontext():
                 known = self._measure_missing(path, rows)
         return known.set_index("row").loc[rows].reset_index(drop=True)
 
     def _measure_missing(self, path: Path, rows: np.ndarray) -> pd.DataFrame:
-        known = pd.read_parquet(path) if path.exists() else None
+        known = read_pool(path)
         todo = np.setdiff1d(rows, known["row"].to_numpy()) if known is not None else np.unique(rows)
         if not len(todo):
             return known
@@ -131,7 +140,7 @@ class Reference:
         fresh = morphology.measure(self.cache.images[todo], self.workers, self.progress)
         fresh.insert(0, "row", todo)
         with encoder.locked(self.dir, "morph-write.lock"):
-            known = pd.read_parquet(path) if path.exists() else None
+            known = read_pool(path)
             if known is not None:
                 fresh = pd.concat([known, fresh[~fresh["row"].isin(known["row"])]], ignore_index=True)
             with atomic_path(path) as tmp:
