@@ -346,8 +346,9 @@ def test_colour_figure_shows_real_against_each_trials_samples_and_the_best_recon
     outputs = {row.uid: trial_outputs(row, np.zeros((0, 64, 64, 3), np.uint8), heldouts)
                for row in data.trials.itertuples()}
     drawn = {u: o for u, o in outputs.items() if o.sample_colour is not None}
-    assert drawn and all(len(o.sample_colour) == N_COLOUR and len(o.recon_colour) == N_COLOUR for o in drawn.values())
     held = next(o.held for o in drawn.values())
+    assert len(held.colour) == min(N_COLOUR, len(held.images))
+    assert all(len(o.sample_colour) == N_COLOUR and len(o.recon_colour) == len(held.colour) for o in drawn.values())
     assert np.isfinite(held.colour).mean() > 0.9  # the blobs are coloured: every segment has a colour
     best = next(iter(drawn))
     fig = plots.colour_figure(data, held.colour, {u: o.sample_colour for u, o in outputs.items()},
