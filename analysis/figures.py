@@ -154,7 +154,8 @@ LATENT_CAPTIONS = {
 
 def sampled_from(latents: set[str]) -> str:
     """What the sample figure's images were decoded from, for its caption."""
-    return "; ".join(LATENT_CAPTIONS[k] if k != "prior" or len(latents) == 1 else "GANs decode z ~ N(0, I)"
+    return "; ".join(LATENT_CAPTIONS[k] if k != "prior" or len(latents) == 1
+                     else "the others start from N(0, I) (a GAN's z, a diffusion model's x_T)"
                      for k in sorted(latents))
 
 

@@ -15,6 +15,8 @@ MAX_SEED = 2**32 - 1
 MAX_PARAMETERS = 10**9  # 16 GB of fp32 weights, gradients and Adam moments: far beyond any 64 px model here
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# per-model keys: None means "the model's default"; a model without a default for one does not use it
+MODEL_KEYS = ("latent_dim", "width", "depth", "dropout", "lr", "attention_res", "sample_steps")
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,8 @@ class TrainConfig:
     width: int | None = None
     depth: int | None = None
     dropout: float | None = None
+    attention_res: int | None = None
+    sample_steps: int | None = None
     image_size: int = 64
     batch_size: int = 32
     lr: float | None = None
@@ -55,6 +59,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from galaxygen.models import MODELS
+        from galaxygen.models.diffusion import TRAIN_STEPS
 
         def bad(key: str, allowed: str) -> NoReturn:
             raise ConfigError(f"invalid config {key}={getattr(self, key)!r}: allowed {allowed}")
@@ -72,6 +77,14 @@ class TrainConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 bad(key, "an integer >= 1 (or unset for the model's default)")
         spec = MODELS[self.model]
+        for key in MODEL_KEYS:
+            if getattr(self, key) is not None and key not in spec.defaults:
+                users = ", ".join(name for name, s in sorted(MODELS.items()) if key in s.defaults)
+                bad(key, f"only unset for {self.model}, which does not use it ({key} is for {users})")
+        if self.attention_res is not None and self.attention_res < 0:
+            bad("attention_res", "an integer >= 0 (px; 0 turns attention off)")
+        if self.sample_steps is not None and not 1 <= self.sample_steps <= TRAIN_STEPS:
+            bad("sample_steps", f"an integer in [1, {TRAIN_STEPS}] (the training timesteps)")
         if spec.fixed_depth and self.depth not in (None, spec.defaults["depth"]):
             variable = ", ".join(name for name, s in sorted(MODELS.items()) if not s.fixed_depth)
             bad("depth", f"only {spec.defaults['depth']} for {self.model}, whose depth is part of its design "
@@ -108,7 +121,7 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def resolved(self) -> TrainConfig:
-        """Fill latent_dim, width, depth, dropout and lr from the model's defaults (the report's tables)."""
+        """Fill the model's keys (MODEL_KEYS it uses) from its defaults (the report's tables)."""
         from galaxygen.models import MODELS
 
         defaults = MODELS[self.model].defaults
@@ -166,7 +179,7 @@ def coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"unknown config key {key}: allowed {', '.join(TrainConfig.keys())}")
     typ = field_type(key)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if key in ("latent_dim", "width", "depth", "dropout", "lr"):
+        if key in MODEL_KEYS:
             return None
         if typ is str:
             return ""

@@ -21,7 +21,7 @@ from galaxygen.models.vae import posterior_means, reparameterize
 def build(name: str, image_size: int = 32, **overrides) -> torch.nn.Module:
     """A registered model with its own defaults, some of them overridden."""
     spec = MODELS[name]
-    hyper = {k: spec.defaults[k] for k in ("latent_dim", "width", "depth", "dropout")} | overrides
+    hyper = {k: v for k, v in spec.defaults.items() if k != "lr"} | overrides
     return spec.build(image_size=image_size, **hyper)
 
 
@@ -69,9 +69,9 @@ def test_registry_holds_the_report_models_and_the_stronger_ones():
 @pytest.mark.parametrize("name", ALL)
 def test_config_resolves_and_builds_every_model(name: str):
     config = TrainConfig(model=name, image_size=32).resolved()
-    assert None not in (config.latent_dim, config.width, config.dropout, config.lr)
+    assert None not in [getattr(config, key) for key in MODELS[name].defaults] and config.lr is not None
     model = build_model(config)
-    assert model.latent_dim == config.latent_dim and MODELS[name].kind in ("vae", "gan")
+    assert getattr(model, "latent_dim", None) == config.latent_dim
 
 
 def count(model: torch.nn.Module, kind: type) -> int:
@@ -160,11 +160,13 @@ def test_the_family_on_the_registry_entry_declares_objective_latents_and_best_ch
     family = MODELS[name].family
     config = TrainConfig(model=name, image_size=32).resolved()
     objective = family.objective(build_model(config), config, distributed.read_env(), torch.device("cpu"))
-    assert family.kind in ("vae", "gan") and family.latents[-1] == "prior" and objective.optimizers
+    assert family.kind in ("vae", "gan", "diffusion") and family.latents[-1] == "prior" and objective.optimizers
     epochs = [{"epoch": 1, "val_nelbo": 900.0, "val_loss": 800.0}, {"epoch": 2, "val_nelbo": 950.0, "val_loss": 700.0}]
     first, second = (objective.score(e) for e in epochs)
     if family.kind == "vae":  # the lowest held-out negative ELBO, not the alpha-weighted loss
         assert first < second
+    elif family.kind == "diffusion":  # the lowest held-out denoising loss, not the latest
+        assert second < first < objective.score({"epoch": 3, "val_loss": 900.0})
     else:  # a GAN's losses do not rank epochs: the latest is the best
         assert second < first
 
@@ -254,7 +256,10 @@ def test_training_layout_gives_the_same_outputs_and_gradients(name: str):
     outputs = []
     for model, batch in ((reference, x), (fast, x.contiguous(memory_format=layout))):
         model.eval()
-        out = model(batch)[0] if MODELS[name].kind == "vae" else model.discriminator(batch)
+        if MODELS[name].kind == "diffusion":
+            out = model(batch, torch.tensor([10, 300, 600, 999]))
+        else:
+            out = model(batch)[0] if MODELS[name].kind == "vae" else model.discriminator(batch)
         out.sum().backward()
         outputs.append((out, [p.grad for p in model.parameters() if p.grad is not None]))
     (out_a, grads_a), (out_b, grads_b) = outputs

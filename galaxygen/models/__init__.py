@@ -63,15 +63,9 @@ def register(name: str, summary: str, family: Family, *, fixed_depth: bool = Fal
 
 
 def build_model(config) -> nn.Module:
-    """Build the model a (resolved) TrainConfig names."""
+    """Build the model a (resolved) TrainConfig names from image_size and the keys it has defaults for."""
     spec = MODELS[config.model]
-    return spec.build(
-        image_size=config.image_size,
-        latent_dim=config.latent_dim,
-        width=config.width,
-        depth=config.depth,
-        dropout=config.dropout,
-    )
+    return spec.build(image_size=config.image_size, **{k: getattr(config, k) for k in spec.defaults if k != "lr"})
 
 
 def memory_format(model: nn.Module) -> torch.memory_format:
@@ -107,4 +101,4 @@ def generate(model: nn.Module, n: int, latent: str, seed: int = 0, batch_size: i
     return torch.cat(parts).contiguous()
 
 
-from galaxygen.models import cnn, dcgan, mlp, resvae  # noqa: E402,F401  (registration)
+from galaxygen.models import cnn, dcgan, diffusion, mlp, resvae  # noqa: E402,F401  (registration)
