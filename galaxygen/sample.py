@@ -25,7 +25,7 @@ from galaxygen.checkpoint import CheckpointError, load_model
 from galaxygen.cli import positive
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import to_float
-from galaxygen.models import MODELS, generate
+from galaxygen.models import MODELS, all_latents, generate
 from galaxygen.results import run_checkpoint
 from galaxygen.splits import SPLITS
 
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="output image (.png or .jpg; default grid.png)")
     p.add_argument("--cols", type=positive, help="images per row (default: about sqrt(n), 8 with --reconstruct)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
-    p.add_argument("--latent", choices=("fitted", "prior"), help="latent distribution to sample: the prior fitted "
+    p.add_argument("--latent", choices=all_latents(), help="latent distribution to sample: the prior fitted "
                    "to the training galaxies' posterior means, or N(0, I) (default: fitted for VAEs, prior for GANs)")
     p.add_argument("--reconstruct", action="store_true", help="input/reconstruction pairs instead of prior samples")
     p.add_argument("--data", help="cache to take the inputs from (default: the run's own data)")

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from galaxygen.models import MODELS, generate
+from galaxygen.models import MODELS, all_latents, generate
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ METRICS: dict[str, str] = {
 DEFAULT_N = 100
 
 
-LATENTS = tuple(dict.fromkeys(latent for spec in MODELS.values() for latent in spec.family.latents))
+LATENTS = all_latents()
 
 
 def base_metric(metric: str) -> tuple[str, str]:

@@ -62,6 +62,11 @@ def register(name: str, summary: str, family: Family, *, fixed_depth: bool = Fal
     return wrap
 
 
+def all_latents() -> tuple[str, ...]:
+    """Every latent distribution some registered family samples from (for command-line choices)."""
+    return tuple(dict.fromkeys(latent for spec in MODELS.values() for latent in spec.family.latents))
+
+
 def build_model(config) -> nn.Module:
     """Build the model a (resolved) TrainConfig names from image_size and the keys it has defaults for."""
     spec = MODELS[config.model]
