@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 RECON_LOSSES = ("bce", "l1", "mse")
-NOT_IDENTITY = ("epochs",)  # keys that extend a trial instead of making another one (see signature)
+NOT_IDENTITY = ("epochs", "budget_min")  # keys that extend a trial instead of making another one (see signature)
 MAX_SEED = 2**32 - 1
 MAX_PARAMETERS = 10**9  # 16 GB of fp32 weights, gradients and Adam moments: far beyond any 64 px model here
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -55,6 +55,8 @@ class TrainConfig:
     amp: bool = True
     log_every: int = 25
     eval_n: int = 0
+    quick_eval_n: int = 0  # samples scored each epoch by the cheap fid_domain estimate (val fid_domain_quick); 0 = off
+    budget_min: float = 0.0  # wall-clock training budget in minutes: stop after the epoch that reaches it; 0 = off
     data: str = ""
 
     def __post_init__(self) -> None:
@@ -91,12 +93,12 @@ class TrainConfig:
                          f"(depth can vary for {variable})")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "a finite number > 0 (or unset for the model's default)")
-        for key in ("alpha", "free_bits", "tv_weight", "weight_decay", "grad_clip"):
+        for key in ("alpha", "free_bits", "tv_weight", "weight_decay", "grad_clip", "budget_min"):
             if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
                 bad(key, "a finite number >= 0")
         if not 0 <= self.seed <= MAX_SEED:
             bad("seed", f"an integer in [0, {MAX_SEED}] (numpy's seed range)")
-        for key in ("kl_warmup_epochs", "data_count", "eval_n"):
+        for key in ("kl_warmup_epochs", "data_count", "eval_n", "quick_eval_n"):
             if getattr(self, key) < 0:
                 bad(key, "an integer >= 0")
         if not 0 < self.data_fraction <= 1:
@@ -159,8 +161,9 @@ class TrainConfig:
     def signature(self) -> str:
         """Short id of the resolved config: equal configs share it, so a rerun finds its finished trial.
 
-        The keys of NOT_IDENTITY are left out: a trial run for more epochs is the same trial, continued
-        from its last checkpoint (the learning rate is constant and nothing else depends on the total)."""
+        The keys of NOT_IDENTITY are left out: a trial run for more epochs (or a longer wall-clock budget) is the
+        same trial, continued from its last checkpoint (the learning rate is constant and nothing else depends on
+        the total)."""
         blob = json.dumps({k: v for k, v in self.resolved().to_dict().items() if k not in NOT_IDENTITY}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

@@ -29,6 +29,7 @@ from galaxygen import checkpoint, distributed
 from galaxygen.config import NOT_IDENTITY, ConfigError, TrainConfig, parse_assignments
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
+from galaxygen.evaluate import quick
 from galaxygen.models import MODELS, build_model, generate, memory_format
 from galaxygen.results import (
     ResultsStore,
@@ -120,13 +121,17 @@ class Trainer:
         self.step = 0
         self.best = math.inf  # the objective's score of the best checkpoint (lower is better)
         self.best_epoch = 0
+        self.train_seconds = 0.0  # wall-clock time of the run's epochs so far, over resumes (config.budget_min)
         self.writer = None
+        self.quick = None
+        if config.quick_eval_n and env.is_main:
+            self.quick = quick.QuickEstimate(self.cache, config.quick_eval_n)
 
     # -- state --------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"config": self.config.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
                 "best_epoch": self.best_epoch, "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.objective.optimizers],
-                "rng": checkpoint.rng_state(), "trial_id": self.trial_id}
+                "rng": checkpoint.rng_state(), "trial_id": self.trial_id, "train_seconds": self.train_seconds}
 
     def restore(self) -> bool:
         path = self.store.checkpoint(self.trial_id, "last")
@@ -143,6 +148,7 @@ class Trainer:
             opt.load_state_dict(opt_state)
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         self.best_epoch = state.get("best_epoch", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
         checkpoint.set_rng_state(state["rng"])
         if self.env.is_main and state.get("epoch_rows"):
             self.store.write_epoch(self.trial_id, self.epoch, state["epoch_rows"])
@@ -164,11 +170,17 @@ class Trainer:
 
             self.writer = SummaryWriter(self.store.tb_dir(self.trial_id), purge_step=self.step if resumed else None)
         summary: dict = {}
-        while self.epoch < self.config.epochs:
+        while self.epoch < self.config.epochs and not self.out_of_budget():
+            started = time.perf_counter()
             rows = self.train_epoch()
             rows += self.validate()
             self.epoch += 1
             if main:
+                self.objective.before_checkpoint(self.cache.images, self.train_idx)  # e.g. the fitted latent prior
+                if self.quick is not None:  # the cheap sample-quality estimate, on the model this epoch checkpoints
+                    value = self.quick(self.model, self.config, self.config.seed)
+                    rows.append({**self.row("val", quick.METRIC, value), "epoch": self.epoch})
+                self.train_seconds += time.perf_counter() - started
                 summary = epoch_report(pd.DataFrame(rows), self.epoch)
                 self.log_epoch(summary)
                 score = self.objective.score(summary)  # the objective decides which checkpoint is best
@@ -176,13 +188,13 @@ class Trainer:
                 improved = score < self.best or not best.exists()
                 if improved:
                     self.best, self.best_epoch = score, self.epoch
-                self.objective.before_checkpoint(self.cache.images, self.train_idx)
                 # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing
                 checkpoint.save(self.store.checkpoint(self.trial_id, "last"), **self.state(), epoch_rows=rows)
                 if improved:
                     checkpoint.save(best, **self.state())
                 self.store.write_epoch(self.trial_id, self.epoch, rows)
-                self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_epoch=self.best_epoch)
+                self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_epoch=self.best_epoch,
+                                       train_seconds=self.train_seconds)
                 if report is not None:
                     report(summary)
         if main:
@@ -195,10 +207,18 @@ class Trainer:
                                     run_name=".")
             self.writer.close()
             self.store.write_trial(self.trial_id, status="completed", end_time=time.time(), epochs_done=self.epoch,
-                                   best_epoch=self.best_epoch)
+                                   best_epoch=self.best_epoch, train_seconds=self.train_seconds)
             if not trained and report is not None:
                 report(summary)
         return summary
+
+    def out_of_budget(self) -> bool:
+        """True once the run's epochs have used its wall-clock budget (config.budget_min; 0 = no budget); every rank
+        takes rank 0's decision (its clock includes the checkpoints), so all stop after the same epoch."""
+        if not self.config.budget_min:
+            return False
+        spent = torch.tensor(float(self.env.is_main and finished_budget(self.config, self.train_seconds)), device=self.device)
+        return bool(distributed.all_sum(spent).item())
 
     def evaluate(self) -> None:
         """Sample-quality metrics of the best checkpoint, from each latent of its family, beside the dataset's
@@ -314,6 +334,18 @@ class Trainer:
                  " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith(("train_loss", "val_"))))
 
 
+def finished_budget(config: TrainConfig, train_seconds: float) -> bool:
+    """True when a run with a wall-clock budget (config.budget_min > 0) has trained for at least that long."""
+    return config.budget_min > 0 and train_seconds >= 60 * config.budget_min
+
+
+def trained_enough(row: dict | None, config: TrainConfig) -> bool:
+    """True when a trial's row says it completed what `config` asks: its epochs, or its wall-clock budget."""
+    if not row or row.get("status") != "completed":
+        return False
+    return (row.get("epochs_done") or 0) >= config.epochs or finished_budget(config, row.get("train_seconds") or 0)
+
+
 def hparams(config: TrainConfig) -> dict:
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in config.to_dict().items()}
 
@@ -329,7 +361,7 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
     store = ResultsStore(results, sweep)
     env = distributed.read_env()
     existing = store.read_trial(trial_id)
-    if existing and existing.get("status") == "completed" and (existing.get("epochs_done") or 0) >= config.epochs:
+    if trained_enough(existing, config):
         summary = epoch_report(store.metrics(trial_id), int(existing["epochs_done"]))
         if report is not None and env.is_main:
             report(summary)

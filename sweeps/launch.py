@@ -19,12 +19,16 @@ import time
 from pathlib import Path
 
 from galaxygen.config import ConfigError, TrainConfig, parse_assignments
+from galaxygen.evaluate import quick
 from galaxygen.results import ResultsStore, atomic_write_json
 from sweeps import slurm_options, spaces
 
 log = logging.getLogger("sweeps.launch")
 
 DEFAULT_EPOCHS = 5
+BUDGET_EPOCHS = 10000  # the epoch cap of a trial trained for --budget-min minutes (the budget ends it first)
+# --metric NAME -> the per-epoch value Tune ranks and stops trials by (lower is better for each)
+METRICS = {"loss": "val_loss", "fid_domain": f"val_{quick.METRIC}"}
 DEFAULT_EVAL_N = 64
 
 
@@ -47,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "local", "slurm"), default="auto",
                    help="where trials run (auto: slurm when a SLURM controller answers, else local)")
     p.add_argument("--data", default="", help="cache folder (default: the built-in synthetic galaxies)")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per trial (default {DEFAULT_EPOCHS})")
+    p.add_argument("--epochs", type=int, help=f"epochs per trial (default {DEFAULT_EPOCHS}; with --budget-min, a cap "
+                   "beside the budget)")
+    p.add_argument("--budget-min", type=float, default=0.0, metavar="M",
+                   help="train each trial for M minutes of wall-clock time instead of a number of epochs (it stops after "
+                   "the epoch that reaches M; the table's epochs_done says how far it got); compares models at equal time")
+    p.add_argument("--metric", choices=sorted(METRICS), default="loss",
+                   help="what trials are ranked (and, in the search sweep, stopped by ASHA) by: the held-out loss "
+                   "(default) or fid_domain, estimated each epoch on quick_eval_n samples (default "
+                   f"{quick.DEFAULT_N}; val {quick.METRIC})")
     p.add_argument("--model", help="base model (default cnn, the report's Table III; mlp2 for the MLP studies)")
     p.add_argument("--results", default="results", help="results folder (default ./results)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: CPUs / --cpus-per-trial; on SLURM, "
@@ -80,7 +92,11 @@ def resolve_sweep(args) -> tuple[spaces.Sweep, dict]:
         sweep = spaces.Sweep(sweep.name, sweep.description, {**sweep.grid, **grid}, sweep.sample, sweep.base,
                              sweep.samples, sweep.early_stopping)
     base = parse_assignments(args.set)
-    base["epochs"] = args.epochs
+    base["epochs"] = args.epochs if args.epochs is not None else BUDGET_EPOCHS if args.budget_min else DEFAULT_EPOCHS
+    if args.budget_min:
+        base["budget_min"] = args.budget_min
+    if args.metric == "fid_domain":
+        base.setdefault("quick_eval_n", quick.DEFAULT_N)
     if args.model:
         base["model"] = args.model
     from galaxygen.data import Cache, CacheError, resolve_cache
@@ -170,7 +186,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, trial_ids: list[str], optio
         trainable,
         param_space=spaces.param_space(sweep, base),
         tune_config=tune.TuneConfig(
-            metric="val_loss", mode="min", scheduler=scheduler, num_samples=args.samples or sweep.samples,
+            metric=METRICS[args.metric], mode="min", scheduler=scheduler, num_samples=args.samples or sweep.samples,
             search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=concurrent),
             trial_dirname_creator=lambda t: f"{t.trial_id}",
         ),
@@ -202,7 +218,7 @@ def reconcile(store: ResultsStore, trial_ids: list[str]) -> None:
             store.write_trial(row.trial_id, status="stopped", end_time=time.time())
 
 
-def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str]) -> None:
+def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str], metric: str = "val_loss") -> None:
     trials = store.trials()
     if trials.empty:
         print("no trials recorded")
@@ -211,13 +227,13 @@ def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str]) ->
     metrics = store.metrics()
     final = metrics[~metrics["metric"].str.endswith("_step")]
     final = final.sort_values("epoch").groupby(["trial_id", "split", "metric"]).tail(1)
-    for key in ("val_loss", "val_bits_per_dim", "train_loss"):
+    shown = list(dict.fromkeys(("train_loss", "val_loss", "val_bits_per_dim", metric)))
+    for key in shown:
         split, metric = key.split("_", 1)
         values = final[(final["split"] == split) & (final["metric"] == metric)].set_index("trial_id")["value"]
         trials[key] = trials["trial_id"].map(values)
-    trials = trials.sort_values("val_loss", na_position="last")
-    cols = ["trial_id", *[v for v in varies if v in trials], "status", "epochs_done", "train_loss", "val_loss",
-            "val_bits_per_dim"]
+    trials = trials.sort_values(metric, na_position="last")
+    cols = ["trial_id", *[v for v in varies if v in trials], "status", "epochs_done", *shown]
     print(trials[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for row in trials[trials["status"] == "failed"].itertuples():
         first = str(row.error).strip().splitlines()[0] if row.error else "unknown error"
@@ -295,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = run_sweep(args, sweep, base, trial_ids, options)
     store = ResultsStore(Path(args.results).resolve(), sweep.name)
     print()
-    print_table(store, trial_ids, sweep.varies)
+    print_table(store, trial_ids, sweep.varies, METRICS[args.metric])
     if not args.no_figures:
         try:
             from analysis.figures import build

@@ -139,7 +139,7 @@ class TrialPoller:
                 self.eval_job = SlurmJobRef(**old["eval_job"]) if old.get("eval_job") else None
                 self.write_registry(finished=False, adopted=time.time())
                 return
-        if is_final(row, self.config.epochs):
+        if is_final(row, self.config):
             log.info("trial %s is already %s; reporting it from the results store", self.trial_id, row["status"])
             self.final = row
             return

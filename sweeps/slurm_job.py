@@ -71,12 +71,14 @@ def mark_stopped(store: ResultsStore, trial_id: str, reason: str, detail: str | 
         store.write_trial(trial_id, status="stopped", stop_reason=reason, error=detail, end_time=time.time())
 
 
-def is_final(row: dict | None, epochs: int) -> bool:
-    """True when a trial's row says it needs no more work for `epochs` epochs: completed them, failed, or stopped
-    early by the scheduler."""
+def is_final(row: dict | None, config) -> bool:
+    """True when a trial's row says it needs no more work for its (resolved) TrainConfig: completed its epochs or
+    wall-clock budget, failed, or stopped early by the scheduler."""
+    from galaxygen.train import trained_enough
+
     status = (row or {}).get("status")
     if status == "completed":
-        return (row.get("epochs_done") or 0) >= epochs
+        return trained_enough(row, config)
     return status == "failed" or (status == "stopped" and row.get("stop_reason") == EARLY)
 
 
