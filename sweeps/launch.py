@@ -218,7 +218,7 @@ def reconcile(store: ResultsStore, trial_ids: list[str]) -> None:
             store.write_trial(row.trial_id, status="stopped", end_time=time.time())
 
 
-def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str], metric: str = "val_loss") -> None:
+def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str], rank_by: str = "val_loss") -> None:
     trials = store.trials()
     if trials.empty:
         print("no trials recorded")
@@ -227,12 +227,12 @@ def print_table(store: ResultsStore, trial_ids: list[str], varies: list[str], me
     metrics = store.metrics()
     final = metrics[~metrics["metric"].str.endswith("_step")]
     final = final.sort_values("epoch").groupby(["trial_id", "split", "metric"]).tail(1)
-    shown = list(dict.fromkeys(("train_loss", "val_loss", "val_bits_per_dim", metric)))
+    shown = list(dict.fromkeys(("train_loss", "val_loss", "val_bits_per_dim", rank_by)))
     for key in shown:
         split, metric = key.split("_", 1)
         values = final[(final["split"] == split) & (final["metric"] == metric)].set_index("trial_id")["value"]
         trials[key] = trials["trial_id"].map(values)
-    trials = trials.sort_values(metric, na_position="last")
+    trials = trials.sort_values(rank_by, na_position="last")
     cols = ["trial_id", *[v for v in varies if v in trials], "status", "epochs_done", *shown]
     print(trials[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for row in trials[trials["status"] == "failed"].itertuples():
