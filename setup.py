@@ -30,6 +30,7 @@ setup(
         "h5py>=3.8",
         "tqdm>=4.60",
         "pyyaml>=6",
+        "diffusers==0.42.1",
     ],
     extras_require={
         "test": ["pytest>=7", "duckdb>=0.9", "ruff>=0.4"],

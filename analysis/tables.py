@@ -28,7 +28,8 @@ UNITS = {
     "train_bits_per_dim": "negative ELBO on the training split, bits/dim",
     "val_nelbo_nats": "negative ELBO on the held-out split, nats/image",
     "val_bits_per_dim": "negative ELBO on the held-out split, bits/dim",
-    "val_loss": "held-out minimised objective recon + alpha*KL, nats/image",
+    "val_loss": "held-out minimised objective: a VAE's recon + alpha*KL (nats/image), a GAN's loss_d + loss_g, "
+                "a diffusion model's denoising MSE per pixel",
     "wall_time_s": "trial wall time, seconds",
 }
 

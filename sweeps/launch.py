@@ -142,9 +142,10 @@ def progress_callback(varies: list[str]):
     class Progress(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             swept = " ".join(f"{k}={trial.config.get(k)}" for k in varies)
+            bits = result.get("val_bits_per_dim")  # a likelihood model's only
             print(f"[{time.strftime('%H:%M:%S')}] {swept:28s} epoch {result.get('epoch')}: "
-                  f"val_loss {result.get('val_loss', float('nan')):.2f} "
-                  f"({result.get('val_bits_per_dim', float('nan')):.4f} bits/dim)", flush=True)
+                  f"val_loss {result.get('val_loss', float('nan')):.4g}"
+                  + (f" ({bits:.4f} bits/dim)" if bits is not None else ""), flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             swept = " ".join(f"{k}={trial.config.get(k)}" for k in varies)
