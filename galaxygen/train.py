@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SINGLE_RUNS = "train"  # the results group of runs started by this command (OUT/train/runs/<id>)
 HELD_OUT_PROBE = 32  # images in the fixed held-out batch scored every `log_every` steps
 GRID = 32  # samples in the prior grid logged to TensorBoard
+TIMINGS = ("images_per_s", "epoch_time_s", "step_time_s")  # train metrics that measure the machine, not the model
 
 
 class TrainingDiverged(RuntimeError):
@@ -250,7 +251,8 @@ class Trainer:
         in_window = 0
         rows: list[dict] = []
         seen = 0
-        start = time.perf_counter()
+        step_time = 0.0  # batches and steps only: the epoch's time minus the periodic probe and logging
+        start = tick = time.perf_counter()
         bar = tqdm(self.train_loader, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.env.is_main or None, leave=False, mininterval=2, file=sys.stderr)
         for i, x in enumerate(bar):
@@ -262,6 +264,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v
                 window[k] = window.get(k, 0) + v
             if self.step % self.config.log_every == 0 or i == n_batches - 1:
+                if self.device.type == "cuda":  # the queued steps belong to the steps' time, not the logging's
+                    torch.cuda.synchronize(self.device)
+                step_time += time.perf_counter() - tick
                 means = self.reduce({k: v / in_window for k, v in window.items()})
                 window, in_window = {}, 0
                 held_out = self.probe_loss()
@@ -272,11 +277,12 @@ class Trainer:
                         self.writer.add_scalar(f"train_step/{k}", v, self.step)
                     self.writer.add_scalar("val_step/loss", held_out, self.step)
                 bar.set_postfix(loss=f"{means['loss']:.1f}", refresh=False)
+                tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         means = self.reduce({k: v / n_batches for k, v in sums.items()})
         rows += [self.row("train", k, v) for k, v in means.items()]
-        rows += [self.row("train", "lr", self.objective.optimizers[0].param_groups[0]["lr"]),
-                 self.row("train", "images_per_s", seen / elapsed), self.row("train", "epoch_time_s", elapsed)]
+        rows.append(self.row("train", "lr", self.objective.optimizers[0].param_groups[0]["lr"]))
+        rows += [self.row("train", k, v) for k, v in zip(TIMINGS, (seen / elapsed, elapsed, step_time))]
         return rows
 
     def reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:

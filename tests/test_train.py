@@ -17,7 +17,7 @@ import torch
 from galaxygen import checkpoint, distributed
 from galaxygen.config import ConfigError, TrainConfig
 from galaxygen.results import ResultsStore
-from galaxygen.train import Trainer, TrainingDiverged, run
+from galaxygen.train import TIMINGS, Trainer, TrainingDiverged, run
 
 
 def tiny(blob_cache, **kw) -> TrainConfig:
@@ -68,6 +68,9 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
     assert {"loss", "recon", "kl", "nelbo", "bits_per_dim"} <= set(epochs[epochs.split == "val"].metric)
     assert not metrics.duplicated(["epoch", "step", "split", "metric"]).any()
     assert set(metrics[metrics.metric == "loss_step"].split) == {"train", "val"}
+    # the time in batches and steps, within the epoch's time (which adds the held-out probe and logging)
+    times = epochs[epochs.split == "train"].pivot_table(index="epoch", columns="metric", values="value")
+    assert ((times.step_time_s > 0) & (times.step_time_s < times.epoch_time_s)).all()
     assert summary["epoch"] == 2 and np.isfinite(summary["val_nelbo"])
     # the val loss is the sum of its parts (alpha = 1): reductions defined once
     assert summary["val_loss"] == pytest.approx(summary["val_recon"] + summary["val_kl"], rel=1e-4)
@@ -133,9 +136,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, blob_cache):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = ResultsStore(tmp_path / "a", "train").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
     b = ResultsStore(tmp_path / "b", "train").metrics("t1").sort_values(["epoch", "step", "split", "metric"])
-    keep = ~a.metric.isin(["images_per_s", "epoch_time_s"])
+    keep = ~a.metric.isin(TIMINGS)
     assert len(a) == len(b) and not b.duplicated(["epoch", "step", "split", "metric"]).any()
-    np.testing.assert_allclose(a[keep].value.to_numpy(), b[~b.metric.isin(["images_per_s", "epoch_time_s"])].value.to_numpy(),
+    np.testing.assert_allclose(a[keep].value.to_numpy(), b[~b.metric.isin(TIMINGS)].value.to_numpy(),
                                rtol=1e-5)
 
 
