@@ -28,7 +28,7 @@ from tqdm import tqdm
 from galaxygen import checkpoint, distributed
 from galaxygen.config import NOT_IDENTITY, ConfigError, TrainConfig, parse_assignments
 from galaxygen.data import Cache, CacheError, resolve_cache
-from galaxygen.data.loader import BatchLoader, reduce_indices, to_float
+from galaxygen.data.loader import BatchLoader, reduce_indices
 from galaxygen.evaluate import quick
 from galaxygen.models import MODELS, build_model, generate, memory_format
 from galaxygen.results import (
@@ -115,7 +115,7 @@ class Trainer:
                                         memory_format=layout)
         self.val_loader = BatchLoader(self.cache.images, val_idx, per_rank, shuffle=False, rank=env.rank,
                                       world_size=env.world_size, drop_last=False, device=device, memory_format=layout)
-        self.probe = to_float(self.cache.images[val_idx[:HELD_OUT_PROBE]], layout).to(device)
+        self.probe = self.val_loader.load(val_idx[:HELD_OUT_PROBE])
         self.family = MODELS[config.model].family
         self.objective = self.family.objective(self.model, config, env, device)
         self.epoch = 0

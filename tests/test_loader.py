@@ -3,13 +3,20 @@ per-rank shards that add up to what one process sees."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from galaxygen.data.loader import BatchLoader, augment, reduce_indices, to_float
+from galaxygen.data import CacheWriter
+from galaxygen.data.loader import BatchLoader, augment, reduce_indices, to_device, to_float
 
 
 def stamps(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -174,17 +181,115 @@ def test_batches_are_augmented_only_when_asked_and_come_in_the_asked_layout():
     assert math.isclose(float(first.mean()), images[:8].mean() / 255.0, rel_tol=1e-5)
 
 
+def test_batches_travel_to_the_device_as_uint8_and_become_float_there(monkeypatch):
+    from galaxygen.data import loader as loader_module
+
+    moved = []
+
+    def spy(images, device):
+        pixels = to_device(images, device)
+        moved.append((pixels.dtype, pixels.device, tuple(pixels.shape)))
+        return pixels
+
+    monkeypatch.setattr(loader_module, "to_device", spy)
+    images = stamps(32)
+    batches = list(BatchLoader(images, np.arange(32), 8, shuffle=False, augment=True))
+    assert moved == [(torch.uint8, torch.device("cpu"), (8, 16, 16, 3))] * 4
+    assert all(b.dtype == torch.float32 and b.shape == (8, 3, 16, 16) for b in batches)
+    # on the CPU the pixels are not copied on their way (no pinning without CUDA)
+    shared = np.ascontiguousarray(images[:4])
+    assert to_device(shared, torch.device("cpu")).data_ptr() == shared.ctypes.data
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_batches_equal_the_cpu_batches():
+    images = stamps(32)
+    for augmented in (False, True):
+        cpu, gpu = (list(BatchLoader(images, np.arange(32), 8, augment=augmented, device=d,
+                                     memory_format=torch.channels_last)) for d in ("cpu", "cuda"))
+        for c, g in zip(cpu, gpu):
+            assert g.is_cuda and g.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(g.cpu(), c, atol=1e-5, rtol=0)
+
+
 # --- opening a cache ------------------------------------------------------------------------------------------
 
 
-def test_cache_is_loaded_into_ram_when_it_fits_and_memory_mapped_otherwise(blob_cache, monkeypatch):
+def test_cache_images_are_a_read_only_memory_map_read_ahead_when_they_fit(blob_cache, monkeypatch):
     from galaxygen.data import cache as cache_module
 
-    in_ram = cache_module.Cache.open(blob_cache)
-    assert not isinstance(in_ram.images, np.memmap) and in_ram.images.flags.owndata
-    assert not in_ram.images.flags.writeable
-    monkeypatch.setattr(cache_module, "IN_MEMORY_LIMIT_BYTES", in_ram.images.nbytes - 1)
-    mapped = cache_module.Cache.open(blob_cache)
-    assert isinstance(mapped.images, np.memmap)
-    assert isinstance(cache_module.Cache.open(blob_cache, in_memory=False).images, np.memmap)
-    np.testing.assert_array_equal(mapped.images, in_ram.images)
+    read = []
+    monkeypatch.setattr(cache_module, "read_ahead", read.append)
+    fits = cache_module.Cache.open(blob_cache)
+    assert isinstance(fits.images, np.memmap) and not fits.images.flags.writeable
+    assert read == [blob_cache / cache_module.IMAGES]
+    monkeypatch.setattr(cache_module, "IN_MEMORY_LIMIT_BYTES", fits.images.nbytes - 1)
+    too_big = cache_module.Cache.open(blob_cache)
+    assert isinstance(too_big.images, np.memmap) and len(read) == 1
+    assert len(cache_module.Cache.open(blob_cache, in_memory=False).images) == len(fits) and len(read) == 1
+    np.testing.assert_array_equal(too_big.images, fits.images)
+
+
+READER = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from galaxygen.data import Cache
+from galaxygen.data.loader import BatchLoader
+
+
+def memory():
+    fields = dict(line.split()[:2] for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    kib = {k.rstrip(":"): int(v) for k, v in fields.items()}
+    return {"uss": kib["Private_Clean"] + kib["Private_Dirty"], "anon": kib["Anonymous"], "shared": kib["Shared_Clean"]}
+
+
+path, me, other = sys.argv[1:]
+
+
+def checksum(images):
+    return sum(int(x.mul(255).round().long().sum())
+               for x in BatchLoader(images, np.arange(len(images)), 32, shuffle=False, drop_last=False))
+
+
+pd.read_parquet(Path(path) / "catalog.parquet")  # the libraries' first use, before the baseline
+checksum(np.zeros((64, 64, 64, 3), np.uint8))
+before = memory()
+cache = Cache.open(path)  # held while the memory is measured
+total = checksum(cache.images)
+Path(me).touch()
+deadline = time.monotonic() + 120
+while not Path(other).exists():  # both hold the mapping while their memory is measured
+    if time.monotonic() > deadline:
+        sys.exit("the other reader did not finish")
+    time.sleep(0.05)
+after = memory()
+print(json.dumps({"total": total, **{k: (after[k] - before[k]) * 1024 for k in before}}))
+"""
+
+
+def test_processes_share_one_copy_of_a_cache_in_memory(tmp_path):
+    """Two processes (ranks on a node) read every image of the same cache: the images cost neither of them
+    private memory, they share one copy (the page cache of the mapped file)."""
+    n, size = 2048, 64  # 24 MiB of pixels
+    rng = np.random.default_rng(0)
+    writer = CacheWriter(tmp_path / "big", n, size)
+    writer.images[:] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    ids = [f"g{i}" for i in range(n)]
+    cache = writer.finish(pd.DataFrame({"id": ids, "source": "noise", "split": "train"}), {"source": "noise"})
+    nbytes = n * size * size * 3
+    expected = int(np.load(cache / "images.npy", mmap_mode="r").sum(dtype=np.int64))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           # large blocks straight from and back to the kernel: freed batches do not linger in the heap as noise
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    flags = [tmp_path / "ready0", tmp_path / "ready1"]
+    procs = [subprocess.Popen([sys.executable, "-c", READER, str(cache), str(flags[i]), str(flags[1 - i])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        grown = json.loads(out.splitlines()[-1])
+        assert grown["total"] == expected  # it read every image
+        assert grown["anon"] < nbytes / 4 and grown["uss"] < nbytes / 4, (grown, nbytes)
+        assert grown["shared"] > 0.9 * nbytes, (grown, nbytes)  # the pixels it read are pages both map

@@ -38,7 +38,7 @@ class CacheError(ValueError):
 
 @dataclass
 class Cache:
-    """An opened cache: images (memory-mapped or in RAM), its catalog and its manifest."""
+    """An opened cache: its images (a read-only memory map), its catalog and its manifest."""
 
     path: Path
     images: np.ndarray
@@ -47,14 +47,19 @@ class Cache:
 
     @classmethod
     def open(cls, path: str | os.PathLike, in_memory: bool | None = None) -> Cache:
-        """Open a cache; in_memory=None loads it into RAM when it is smaller than 4 GiB."""
+        """Open a cache; its images are a read-only memory map of images.npy.
+
+        in_memory=True (None: when the images are smaller than 4 GiB) starts reading the whole file into the
+        page cache at once. The page cache is the node's one copy of the file: every process that maps the
+        cache (DDP ranks, trials side by side) reads those same pages, where loading into a private array
+        would cost each process the cache's size in memory.
+        """
         path = cls.require(path)
         images = read_images(path / IMAGES)
         if in_memory is None:
             in_memory = images.nbytes <= IN_MEMORY_LIMIT_BYTES
         if in_memory:
-            images = np.array(images)  # a copy in RAM (ascontiguousarray would keep a view of the mapping)
-            images.flags.writeable = False  # read-only, like the mapping
+            read_ahead(path / IMAGES)
         catalog = read_catalog(path / CATALOG)
         manifest = read_manifest(path / MANIFEST)
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
@@ -172,6 +177,15 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict):
         raise CacheError(f"{path} must hold a JSON object, got {type(manifest).__name__}; rebuild the cache")
     return manifest
+
+
+def read_ahead(path: Path) -> None:
+    """Ask the kernel to read a whole file into the page cache now, in the background (a hint)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def content_hash(images: np.ndarray, catalog: pd.DataFrame) -> str:

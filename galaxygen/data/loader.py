@@ -1,7 +1,8 @@
 """Batches for training: float images in [0, 1] from a cache split, shuffled per epoch, sharded per rank.
 
-Augmentation is done on whole batches of tensors (one affine resampling per batch: random flip,
-arbitrary rotation, small translation); it never changes colours.
+A batch travels to the device as uint8; the conversion to float and the augmentation run there. Augmentation
+is done on whole batches of tensors (one affine resampling per batch: random flip, arbitrary rotation, small
+translation); it never changes colours.
 """
 
 from __future__ import annotations
@@ -46,16 +47,34 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_shift: float = 
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def to_float(images: np.ndarray, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1], laid out in `memory_format`.
+def unit_float(pixels: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1] on the same device, laid out in `memory_format`.
 
-    The cache stores pixels channel-last, so torch.channels_last costs no reordering at all.
+    The pixels are stored channel-last, so torch.channels_last costs no reordering at all.
     """
+    return pixels.permute(0, 3, 1, 2).contiguous(memory_format=memory_format).float().div_(255.0)
+
+
+def to_float(images: np.ndarray, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 (B, S, S, 3) array -> float32 (B, 3, S, S) tensor in [0, 1] on the CPU (see `unit_float`)."""
+    return unit_float(pixel_tensor(images), memory_format)
+
+
+def pixel_tensor(images: np.ndarray) -> torch.Tensor:
+    """A uint8 array as a tensor sharing its memory when it can (a read-only cache slice is copied)."""
     images = np.ascontiguousarray(images)
     if not images.flags.writeable:  # a slice of a read-only cache: torch wants a writable buffer
         images = images.copy()
-    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
-    return nchw.contiguous(memory_format=memory_format).float().div_(255.0)
+    return torch.from_numpy(images)
+
+
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 pixels onto `device`, still uint8 (a quarter of float32's bytes): on a GPU through pinned memory
+    with a non-blocking copy, so the copy overlaps the work already queued; on the CPU as they are."""
+    pixels = pixel_tensor(images)
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    return pixels.to(device, non_blocking=True)
 
 
 class BatchLoader:
@@ -63,9 +82,10 @@ class BatchLoader:
 
     Each epoch draws one permutation (from seed and epoch); global batch i is the slice
     [i*B*W, (i+1)*B*W) of it and rank r takes its r-th part, so W ranks with per-rank batch B see
-    exactly the images one process would with batch B*W. Batches are made in the training thread: the
-    decode-free uint8 slice and the batched augmentation cost ~3% of a step, and a prefetch thread only
-    competed with the training threads for the cores (measured: 370 vs 419 images/s on 2 cores).
+    exactly the images one process would with batch B*W. Batches are made in the training thread (`load`): the
+    decode-free uint8 slice goes to the device, where the conversion and the batched augmentation cost ~4% of a
+    `cnn` step on CPU (bench/bench_train.py); a prefetch thread only competed with the training threads for the
+    cores (measured: 370 vs 419 images/s on 2 cores).
     """
 
     def __init__(
@@ -118,13 +138,15 @@ class BatchLoader:
             out.append(np.sort(part))
         return out
 
-    def _make(self, idx: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        batch = to_float(self.images[idx], self.memory_format)
+    def load(self, idx: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The images `idx` as a batch on the device: copied there as uint8, then made float and (when this
+        loader augments) augmented on the device, in the loader's memory format."""
+        batch = unit_float(to_device(self.images[idx], self.device), self.memory_format)
         if self.augment:  # grid_sample returns the default layout
-            batch = augment(batch, generator)
-        return batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            batch = augment(batch, generator).contiguous(memory_format=self.memory_format)
+        return batch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**63)
         for idx in self.batches():
-            yield self._make(idx, generator)
+            yield self.load(idx, generator)
