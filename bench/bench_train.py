@@ -1,13 +1,16 @@
-"""Training throughput of `cnn` on CPU: galaxygen's loop against a bare PyTorch loop, same model and batch.
+"""Training throughput on CPU: galaxygen's training loop as a fraction of the bare model step, its real limit.
 
-    python bench/bench_train.py [--data CACHE] [--epochs 2] [--batch 32] [--threads 2]
+    python bench/bench_train.py [--model cnn] [--data CACHE] [--batch 32] [--threads 2] [--rounds 5]
 
-Ours includes memory-mapped loading, batched augmentation, step logging with the held-out probe,
-TensorBoard, Parquet and per-epoch checkpoints. The reference trains the same model with the same
-loss and optimiser on tensors already in memory, with no augmentation, logging or checkpoints, in
-PyTorch's default layout. A second reference runs that bare loop channels-last, the layout our loop
-trains conv models in, so the report separates the layout's gain from our loop's own costs.
-All loops run in this process, interleaved --repeats times after an untimed warm-up; means are compared.
+The reference is the same model's training step (forward, ELBO, backward, AdamW step) on one batch
+already resident in memory, in the layout that runs it fastest (both layouts are timed), timed with
+torch.utils.benchmark: nothing a loop could do is left out of it, so our loop can approach it but not
+exceed it. Ours is galaxygen's Trainer.train_epoch as a run calls it: batches drawn from the memory-mapped
+cache, converted and augmented, the step, the held-out probe every log_every steps, the reductions and
+TensorBoard scalars. Reference and ours alternate for --rounds rounds (machine load drifts; every round
+gives one ratio and the median is reported), after an untimed warm-up. Then each piece of a step of ours
+is timed on its own, and the once-per-epoch work (validation, checkpoint, TensorBoard images) is given
+as a share of a full epoch on the whole train split.
 """
 
 from __future__ import annotations
@@ -16,104 +19,134 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
+from torch.utils.benchmark import Timer
+from torch.utils.tensorboard import SummaryWriter
 
-from galaxygen import distributed
+from galaxygen import checkpoint, distributed
 from galaxygen.config import TrainConfig
 from galaxygen.data import Cache, resolve_cache
-from galaxygen.data.loader import augment, to_float
+from galaxygen.data.loader import to_float
 from galaxygen.losses import elbo_loss
-from galaxygen.models import build_model, memory_format
-from galaxygen.models.vae import VAEObjective
+from galaxygen.models import build_model
 from galaxygen.results import ResultsStore
-from galaxygen.train import run
+from galaxygen.train import Trainer
 
 
-def reference(config: TrainConfig, images: torch.Tensor, epochs: int, layout=torch.contiguous_format) -> float:
-    """images/s of a plain loop: shuffled slices of an in-memory tensor, forward, ELBO, backward, step."""
+def bare_step(config: TrainConfig, batch: np.ndarray, layout: torch.memory_format) -> Callable[[], None]:
+    """One training step of a fresh model on a resident batch in `layout`: nothing but the model's own work."""
     torch.manual_seed(config.seed)
-    model = build_model(config).to(memory_format=layout)
-    images = images.contiguous(memory_format=layout)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    b = config.batch_size
-    seen, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(len(images))
-        for i in range(len(images) // b):
-            x = images[order[i * b : (i + 1) * b]]
-            logits, mu, logvar = model(x)
-            loss = elbo_loss(logits, x, mu, logvar).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(x)
-    return seen / (time.perf_counter() - start)
+    model = build_model(config).to(memory_format=layout).train()
+    x = to_float(batch, layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def step() -> None:
+        logits, mu, logvar = model(x)
+        loss = elbo_loss(logits, x, mu, logvar, recon_loss=config.recon_loss, alpha=config.alpha).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
-def milliseconds(fn, repeats: int = 30) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
-def costs(config: TrainConfig, images: torch.Tensor) -> dict[str, float]:
-    """Milliseconds per training step of the pieces a bare loop does not have."""
-    model = build_model(config)
-    layout = memory_format(model)
-    model.to(memory_format=layout).eval()
-    objective = VAEObjective(model, config, distributed.read_env(), torch.device("cpu"))
-    batch = images[: config.batch_size]
-    probe = batch.contiguous(memory_format=layout)
-    generator = torch.Generator().manual_seed(0)
-    return {"augmentation": milliseconds(lambda: augment(batch, generator).contiguous(memory_format=layout)),
-            "held-out probe (amortised)": milliseconds(lambda: float(objective.eval_step(probe)["loss"]))
-            / config.log_every}
+def seconds(fn: Callable[[], object], threads: int, clock: Callable[[], float], min_run_time: float = 0.5) -> float:
+    """Median seconds per call (torch.utils.benchmark, blocked_autorange)."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=threads, timer=clock)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="", help="cache (default: the built-in synthetic galaxies)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--model", default="cnn")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved measurements of each loop (default 2)")
+    p.add_argument("--steps", type=int, default=25, help="steps of ours per round (default 25: one log window)")
+    p.add_argument("--rounds", type=int, default=8, help="alternations of reference and ours (default 8)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default), or this process's CPU time: steadier on a shared, loaded machine "
+                        "(use it with --threads 1, where no thread waits for another)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     data = str(resolve_cache(args.data))
     cache = Cache.open(data)
-    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch, data=data).resolved()
-    train = to_float(cache.images[cache.indices("train")])
-    # warm-up, untimed: the first ~60 steps of a process run several times slower (allocator and
-    # oneDNN warm-up), which would otherwise bias whichever loop runs first
-    reference(config, train[:2048], 1)
-    refs, refs_cl, ours, walls = [], [], [], []
-    for rep in range(args.repeats):  # interleaved, so drifting machine load hits all loops alike
-        refs.append(reference(config, train, args.epochs))
-        refs_cl.append(reference(config, train, args.epochs, torch.channels_last))
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            summary = run(config, out, "bench", f"ours{rep}")
-            walls.append(time.perf_counter() - start)
-            m = ResultsStore(out, "bench").metrics(f"ours{rep}")
-        ours.append(float(m[(m.metric == "images_per_s") & (m.split == "train")].value.mean()))
-    ref, ref_cl, ours, wall = (statistics.mean(v) for v in (refs, refs_cl, ours, walls))
-    overall = len(train) // args.batch * args.batch * args.epochs / wall
-    step_ms = args.batch / ours * 1e3
-    print(f"model {args.model}, batch {args.batch}, {len(train)} train images, {args.epochs} epochs, {args.threads} threads")
-    print(f"reference loop (tensors in RAM, no augmentation/logging): {ref:8.1f} images/s")
-    print(f"  the same bare loop, channels-last:                      {ref_cl:8.1f} images/s")
-    print(f"galaxygen training loop (load+augment+log):               {ours:8.1f} images/s  ratio {ours / ref:.3f} "
-          f"(against the channels-last bare loop {ours / ref_cl:.3f})")
-    print(f"galaxygen whole run incl. validation, checkpoints, TB:    {overall:8.1f} images/s  ratio {overall / ref:.3f}")
-    print(f"where a step of our loop goes ({step_ms:.1f} ms):")
-    for name, ms in costs(config, train).items():
-        print(f"  {name:28s} {ms:6.2f} ms  ({ms / step_ms:.1%})")
-    print(f"  {'model step (bare loop)':28s} {args.batch / ref_cl * 1e3:6.2f} ms")
-    print(f"final val nelbo {summary['val_nelbo']:.1f} nats/image")
+    config = TrainConfig(model=args.model, batch_size=args.batch, data=data, epochs=args.rounds + 1,
+                         data_count=args.steps * args.batch).resolved()
+    batch = cache.images[np.sort(cache.indices("train")[: args.batch])]
+    refs = {layout: bare_step(config, batch, layout) for layout in (torch.contiguous_format, torch.channels_last)}
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, ResultsStore(out, "bench"), "ours", distributed.read_env(), torch.device("cpu"))
+        trainer.writer = SummaryWriter(f"{out}/tb")  # as in a run (rank 0 writes TensorBoard)
+        loader = trainer.train_loader
+        idx, generator = loader.batches()[0], torch.Generator().manual_seed(0)
+        x = loader.load(idx, generator)
+        probe_every = min(config.log_every, args.steps)
+        pieces = {  # each piece of a step of ours on its own, per training step
+            "objective step (the model step and what wraps it)": lambda: trainer.objective.train_step(x, 0.5),
+            "batch: slice, to float" + (", augment" if config.augment else ""): lambda: loader.load(idx, generator),
+            f"held-out probe (1 in {probe_every} steps)": trainer.probe_loss,
+        }
+
+        def ours_step() -> float:
+            """Seconds per step of one pass of our loop over the --steps batches."""
+            start = clock()
+            trainer.train_epoch()
+            trainer.epoch += 1
+            return (clock() - start) / args.steps
+
+        ours_step()  # warm-up, untimed: the first steps of a process run slower (allocator, oneDNN)
+        times: dict[str, list[float]] = {}
+        for _ in range(args.rounds):  # alternating, so drifting machine load hits every measurement alike
+            for lay, fn in refs.items():
+                times.setdefault(lay, []).append(seconds(fn, args.threads, clock))
+            times.setdefault("ours", []).append(ours_step())
+            for name, fn in pieces.items():
+                times.setdefault(name, []).append(seconds(fn, args.threads, clock, 0.3))
+        ratios = [min(times[lay][r] for lay in refs) / times["ours"][r] for r in range(args.rounds)]
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        best = min(refs, key=ms.get)
+
+        print(f"model {args.model}, batch {args.batch}, {args.threads} threads, {args.clock} clock, {args.steps} steps "
+              f"x {args.rounds} rounds (medians over rounds; our loop's layout: {name_of(loader.memory_format)})")
+        for lay in refs:
+            mark = "  <- the reference" if lay == best else ""
+            print(f"  bare model step, resident batch, {name_of(lay):17s} {args.batch / ms[lay] * 1e3:8.1f} images/s{mark}")
+        print(f"  galaxygen training loop                            {args.batch / ms['ours'] * 1e3:8.1f} images/s")
+        print(f"ours / reference: {statistics.median(ratios):.3f}  (per round {min(ratios):.3f} .. {max(ratios):.3f})")
+
+        print(f"where a step of ours goes ({ms['ours']:.1f} ms):")
+        shares = {"model step (the reference)": ms[best]}
+        for name in pieces:
+            shares[name] = ms[name] / (probe_every if "probe" in name else 1)
+        shares["objective step (the model step and what wraps it)"] -= ms[best]
+        shares = {k.replace("objective step (the model step and what wraps it)", "the objective around it"): v
+                  for k, v in shares.items()}
+        shares["the rest (bookkeeping, reductions, TensorBoard)"] = ms["ours"] - sum(shares.values())
+        for name, value in shares.items():
+            print(f"  {name:48s} {value:7.2f} ms  {value / ms['ours']:6.1%}")
+
+        # once per epoch, as a share of a full epoch on the whole train split
+        epoch_s = len(cache.indices("train")) // args.batch * ms["ours"] / 1e3
+        once = {}
+        for name, fn in (("validation over the val split", trainer.validate),
+                         ("checkpoint", lambda: checkpoint.save(trainer.ckpt_dir / "last.pt", **trainer.state())),
+                         ("TensorBoard prior samples and reconstructions", lambda: trainer.log_epoch({}))):
+            start = clock()
+            fn()
+            once[name] = clock() - start
+        trainer.writer.close()
+    print(f"once per epoch (a full epoch of {len(cache.indices('train'))} images takes ~{epoch_s:.1f} s here):")
+    for name, value in once.items():
+        print(f"  {name:48s} {value:7.2f} s   {value / epoch_s:6.1%}")
+
+
+def name_of(layout: torch.memory_format) -> str:
+    return str(layout).split(".")[-1]
 
 
 if __name__ == "__main__":
