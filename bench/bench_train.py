@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=25, help="steps of ours per round (default 25: one log window)")
     p.add_argument("--rounds", type=int, default=8, help="alternations of reference and ours (default 8)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="augment the batches, as runs do by default (--no-augment: the loop's own costs alone)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a shared, loaded machine "
                         "(use it with --threads 1, where no thread waits for another)")
@@ -76,7 +78,7 @@ def main() -> None:
     data = str(resolve_cache(args.data))
     cache = Cache.open(data)
     config = TrainConfig(model=args.model, batch_size=args.batch, data=data, epochs=args.rounds + 1,
-                         data_count=args.steps * args.batch).resolved()
+                         data_count=args.steps * args.batch, augment=args.augment).resolved()
     batch = cache.images[np.sort(cache.indices("train")[: args.batch])]
     refs = {layout: bare_step(config, batch, layout) for layout in (torch.contiguous_format, torch.channels_last)}
     with tempfile.TemporaryDirectory() as out:
