@@ -18,7 +18,7 @@ from galaxygen import checkpoint, results
 from galaxygen.config import MAX_PARAMETERS, ConfigError, TrainConfig
 from galaxygen.data import Cache, CacheError
 from galaxygen.results import ResultsStore, load
-from galaxygen.train import run
+from galaxygen.train import TIMINGS, run
 from sweeps import status
 from tests.conftest import run_launcher
 from tests.test_status import make_sweep
@@ -65,7 +65,7 @@ def test_repair_rewrites_a_part_from_the_checkpoint_or_retrains_to_the_same_metr
     run(config, tmp_path, "sw", "t")
     store = ResultsStore(tmp_path, "sw")
     order = ["epoch", "step", "split", "metric"]
-    timing = ["images_per_s", "epoch_time_s", "lr"]
+    timing = [*TIMINGS, "lr"]
     before = store.metrics("t").sort_values(order).reset_index(drop=True)
     # the last epoch's part is in the last checkpoint: rewritten exactly
     truncate(store.epoch_path("t", 2))

@@ -171,7 +171,7 @@ def test_more_epochs_continue_a_finished_run_to_the_metrics_of_an_uninterrupted_
     order = ["epoch", "step", "split", "metric"]
     a = ResultsStore(tmp_path / "a", "t").metrics(trial_id).sort_values(order)
     b = store.metrics(trial_id).sort_values(order)
-    timing = ["images_per_s", "epoch_time_s"]
+    timing = TIMINGS
     a, b = a[~a.metric.isin(timing)], b[~b.metric.isin(timing)]
     assert a[order].values.tolist() == b[order].values.tolist()
     # same process, same CPU kernels, RNG state restored from the checkpoint: equal up to float32 rounding
