@@ -136,7 +136,7 @@ def main() -> None:
         epoch_s = len(cache.indices("train")) // args.batch * ms["ours"] / 1e3
         once = {}
         for name, fn in (("validation over the val split", trainer.validate),
-                         ("checkpoint", lambda: checkpoint.save(trainer.ckpt_dir / "last.pt", **trainer.state())),
+                         ("checkpoint", lambda: checkpoint.save(trainer.store.checkpoint(trainer.trial_id), **trainer.state())),
                          ("TensorBoard prior samples and reconstructions", lambda: trainer.log_epoch({}))):
             start = clock()
             fn()
