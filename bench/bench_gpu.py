@@ -1,6 +1,6 @@
 """Training throughput on CUDA GPUs: images/s per model and how busy the device is.
 
-    python bench/bench_gpu.py [--models cnn,resvae,dcgan] [--batch 256] [--steps 40] [--gpus N] [--data CACHE]
+    python bench/bench_gpu.py [--models cnn,resvae] [--batch 256] [--steps 40] [--gpus N] [--data CACHE]
 
 Every model trains as a run does: galaxygen's Trainer on the cache (batches pinned and copied to the GPU as
 uint8, made float and augmented there), bf16 autocast, channels-last for convolutional models, and with 2 or
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import tempfile
 import time
 
@@ -25,6 +26,7 @@ import torch.multiprocessing as mp
 from galaxygen import distributed
 from galaxygen.config import TrainConfig
 from galaxygen.data import resolve_cache
+from galaxygen.models import MODELS
 from galaxygen.results import ResultsStore
 from galaxygen.train import Trainer
 
@@ -103,12 +105,16 @@ def free_port() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="cnn,resvae,dcgan", help="comma-separated model names (default cnn,resvae,dcgan)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model names (default: every registered one)")
     p.add_argument("--batch", type=int, default=256, help="images per GPU per step (default 256)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per model (default 40)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all of this node's)")
     p.add_argument("--data", default="", help="cache (default: the built-in synthetic galaxies)")
     args = p.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; allowed: {', '.join(MODELS)}", file=sys.stderr)
+        sys.exit(2)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA GPU here, nothing to measure (run it on a GPU node)")
         return
