@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from analysis import plots
 from analysis.inference import (
@@ -33,7 +32,7 @@ from analysis.tables import (
     short,
     write_table,
 )
-from galaxygen.cli import positive
+from galaxygen.cli import positive, progress_bar
 from galaxygen.results import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def checkpoint_figures(data: SweepData, heldouts: HeldOutSets, add) -> list[str]
     """Samples, reconstructions and latent-space figures from each trial's checkpoint; returns notes."""
     inputs, notes = heldouts.reference(data)
     outputs: dict[str, TrialOutputs] = {}
-    for row in tqdm(list(data.trials.itertuples()), desc="checkpoints", unit="trial", disable=None):
+    for row in progress_bar(list(data.trials.itertuples()), desc="checkpoints", unit="trial"):
         outputs[row.uid] = trial_outputs(row, inputs, heldouts)
     reason = lambda part: {u: o.reasons.get(part, "") for u, o in outputs.items()}
     if not any(o.samples is not None for o in outputs.values()):

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from galaxygen import checkpoint, distributed
+from galaxygen.cli import progress_bar
 from galaxygen.config import NOT_IDENTITY, ConfigError, TrainConfig, parse_assignments
 from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices
@@ -253,7 +253,7 @@ class Trainer:
         seen = 0
         step_time = 0.0  # batches and steps only: the epoch's time minus the periodic probe and logging
         start = tick = time.perf_counter()
-        bar = tqdm(self.train_loader, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+        bar = progress_bar(self.train_loader, total=n_batches, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.env.is_main or None, leave=False, mininterval=2, file=sys.stderr)
         for i, x in enumerate(bar):
             parts = self.objective.train_step(x, self.epoch + i / n_batches)

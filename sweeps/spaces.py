@@ -32,6 +32,17 @@ class Sweep:
     def varies(self) -> list[str]:
         return list(self.grid) + list(self.sample)
 
+    def values(self) -> dict[str, str]:
+        """What each varied key takes, in words: `{"dropout": "0.1, 0.2", "lr": "log-uniform 0.0001..0.003"}`."""
+        out = {k: ", ".join(str(v) for v in values) for k, values in self.grid.items()}
+        for key, domain in self.sample.items():
+            if isinstance(domain, tune.search.sample.Categorical):
+                out[key] = "one of " + ", ".join(str(v) for v in domain.categories)
+            else:
+                log = isinstance(domain.get_sampler(), tune.search.sample.LogUniform)
+                out[key] = f"{'log-uniform' if log else 'uniform'} {domain.lower:g}..{domain.upper:g}"
+        return out
+
 
 def _search_space() -> dict[str, Any]:
     return {
@@ -66,8 +77,20 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--grid expects key=v1,v2,..., got {item!r}; keys: {', '.join(TrainConfig.keys())}")
-        key, values = item.split("=", 1)
-        grid[key.strip()] = [coerce(key.strip(), v.strip()) for v in values.split(",")]
+        key, values = (part.strip() for part in item.split("=", 1))
+        texts = [v.strip() for v in values.split(",")]
+        if not any(texts):
+            raise ConfigError(f"--grid {key}= lists no values: give {key}=V1,V2,...")
+        if "" in texts:
+            raise ConfigError(f"--grid {item!r} has an empty value between commas: give {key}=V1,V2,...")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice: list all its values in one --grid {key}=V1,V2,...")
+        grid[key] = []
+        for text in texts:
+            value = coerce(key, text)
+            if value in grid[key]:
+                raise ConfigError(f"--grid {item!r} lists {key}={value!r} twice: give each value once")
+            grid[key].append(value)
     return grid
 
 
@@ -90,13 +113,24 @@ def param_space(sweep: Sweep, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def expand(sweep: Sweep, base: dict[str, Any], samples: int | None = None, seed: int = 0) -> list[TrainConfig]:
-    """Every trial's config, validated, exactly as Ray Tune's variant generator will produce them."""
+    """Every trial's config, validated and distinct (no two with the same trial id): what the launcher runs."""
     import numpy as np
 
+    if samples and samples > 1 and not sweep.sample:
+        raise ConfigError(f"--samples {samples} would repeat the same configs: sweep {sweep.name} samples nothing "
+                          f"(it is a grid over {', '.join(sweep.varies)}); to repeat with other seeds, "
+                          "add --grid seed=0,1,...")
     space = param_space(sweep, base)
     rng = np.random.default_rng(seed)  # what Tune's BasicVariantGenerator(random_state=seed) draws from
-    configs = []
+    configs: dict[str, TrainConfig] = {}
     for _ in range(samples or sweep.samples):
         for _, spec in generate_variants(space, random_state=rng):
-            configs.append(TrainConfig.from_dict(spec))
-    return configs
+            config = TrainConfig.from_dict(spec)
+            trial_id = config.resolved().signature()
+            if trial_id in configs:
+                same = ", ".join(f"{k}={getattr(configs[trial_id], k)!r} and {getattr(config, k)!r}"
+                                 for k in sweep.varies if getattr(configs[trial_id], k) != getattr(config, k))
+                raise ConfigError(f"two trials of sweep {sweep.name} are the same config after the model's defaults "
+                                  f"are filled in ({same or 'identical values'}): give each value once")
+            configs[trial_id] = config
+    return list(configs.values())

@@ -94,11 +94,29 @@ def test_an_unknown_grid_key_fails_at_once_naming_it_and_the_allowed_keys(tmp_pa
     assert not os.path.exists(ray_temp_dir(tmp_path / "r"))
 
 
-def test_list_prints_every_sweep(tmp_path):
+def test_list_prints_every_sweep_what_it_varies_and_the_values(tmp_path):
     proc = run_launcher(["--list"], tmp_path)
     assert proc.returncode == 0
     for name in spaces.SWEEPS:
         assert name in proc.stdout
+    assert "dropout: 0.1, 0.2, 0.3, 0.4, 0.5, 0.6" in proc.stdout
+    assert "model: " + ", ".join(sorted(MODELS)) in proc.stdout
+    assert "lr: log-uniform 0.0001..0.003" in proc.stdout and "latent_dim: one of 4, 8, 12, 16, 32" in proc.stdout
+
+
+def test_grid_values_are_checked_and_a_sweep_has_distinct_trials():
+    from galaxygen.config import ConfigError
+
+    for bad, needle in [(["dropout="], "lists no values"), (["lr=1e-3,0.001"], "lr=0.001 twice"),
+                        (["dropout=0.1,,0.2"], "empty value"), (["lr=1", "lr=2"], "given twice")]:
+        with pytest.raises(ConfigError, match=needle):
+            spaces.parse_grid(bad)
+    with pytest.raises(ConfigError, match="would repeat the same configs"):
+        spaces.expand(spaces.get("dropout"), {}, samples=2)
+    # cnn's default dropout is filled in: "none" and that value are one trial
+    default = spaces.expand(spaces.adhoc("d", {"dropout": [None]}), {})[0].resolved().dropout
+    with pytest.raises(ConfigError, match="same config"):
+        spaces.expand(spaces.adhoc("d", {"dropout": [None, default]}), {})
 
 
 def test_a_real_tiny_sweep_fills_the_parquet_store(tiny_sweep):

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from galaxygen.cli import progress_bar
 from galaxygen.data.cache import (
     MANIFEST,
     REQUIRED_COLUMNS,
@@ -227,7 +227,7 @@ def write_cache(src: Source, out: Path, options: dict, fp: str, workers: int | N
     writer = CacheWriter(out, n, size)
     try:
         todo = n - sum(1 for s in src.skip if s)
-        with tqdm(total=todo, unit="img", desc=f"pack {src.format}", disable=None, mininterval=1.0) as bar:
+        with progress_bar(total=todo, unit="img", desc=f"pack {src.format}") as bar:
             for index, result in decode_all(src, options["crop_fraction"], size, workers):
                 widths[index], heights[index] = result.width, result.height
                 bar.update(1)

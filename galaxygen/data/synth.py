@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
+from galaxygen.cli import progress_bar
 from galaxygen.data.cache import CacheWriter, replace_dir
 from galaxygen.data.synth_gz2 import asset_id, dr7objid, gz2_tables
 from galaxygen.data.synth_model import (
@@ -83,7 +83,7 @@ def render_range(task: tuple) -> tuple[int, np.ndarray | None, list[dict]]:
 
 def run_tasks(tasks: list[tuple], workers: int, total: int) -> Iterator[tuple[int, np.ndarray | None, list[dict]]]:
     """Run render tasks in a process pool (or in-process for one worker) with a progress bar."""
-    with tqdm(total=total, unit="gal", desc="synth", mininterval=1.0) as bar:
+    with progress_bar(total=total, unit="gal", desc="synth") as bar:
         if workers == 1:
             for task in tasks:
                 result = render_range(task)

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from galaxygen import home
+from galaxygen.cli import progress_bar
 from galaxygen.data.cache import Cache, content_hash
 from galaxygen.data.loader import to_float
 from galaxygen.results import atomic_path
@@ -192,7 +192,7 @@ def train(cache: Cache, out: Path, config: dict | None = None, progress: bool = 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     steps = min(cfg["epochs"] * int(np.ceil(len(x) / cfg["batch_size"])), cfg["max_steps"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps)
-    bar = tqdm(total=steps, desc="domain encoder", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, desc="domain encoder", unit="step", disable=not progress)
     model.train()
     step = 0
     with one_thread():

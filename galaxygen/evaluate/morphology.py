@@ -28,7 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+
+from galaxygen.cli import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def measure(images: np.ndarray, workers: int = 1, progress: bool = True) -> pd.D
         raise ValueError(f"measure expects images of shape (N, S, S, 3), got {images.shape}")
     chunks = [images[i : i + CHUNK] for i in range(0, len(images), CHUNK)]
     rows: list[dict] = []
-    bar = tqdm(total=len(images), desc="statmorph", unit="img", disable=not progress or len(images) < 2 * CHUNK)
+    bar = progress_bar(total=len(images), desc="statmorph", unit="img", disable=not progress or len(images) < 2 * CHUNK)
     if workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             rows.extend(_measure_chunk(chunk))
