@@ -20,7 +20,6 @@ Layout under RESULTS/SWEEP/ (every path comes from a `ResultsStore` method; noth
                                        the trials' status on a full disk
     code/<hash>/                       code snapshots the SLURM jobs import          code_dir()
     report/                            figures and report.html                       report_dir()
-    ray/                               Ray Tune's own state                          ray_dir()
 
 Writers: write_trial, write_metrics (a named part), write_epoch, write_eval, clear_metrics; remove_stale
 removes the temporaries of killed writers.
@@ -326,16 +325,13 @@ class ResultsStore:
     def report_dir(self) -> Path:
         return self.dir / "report"
 
-    def ray_dir(self) -> Path:
-        return self.dir / "ray"
-
     # -- writing --------------------------------------------------------------------------------------------
     def remove_stale(self, trial_id: str | None = None) -> list[Path]:
         """Remove the temporaries that killed writers of this host left (see atomic_path): in the whole sweep
-        (the launcher, before it runs a sweep; Ray Tune's own ray/ folder aside), or in one trial's files
-        (a trial, before it writes). Temporaries of running writers and of other hosts are left alone."""
+        (the launcher, before it runs a sweep), or in one trial's files (a trial, before it writes).
+        Temporaries of running writers and of other hosts are left alone."""
         if trial_id is None:
-            return staging.remove_stale(self.dir, recursive=True, skip=(self.ray_dir().name,))
+            return staging.remove_stale(self.dir, recursive=True)
         return (staging.remove_stale(self.trials_dir(), name=self.trial_path(trial_id).name)
                 + staging.remove_stale(self.metrics_dir(trial_id))
                 + staging.remove_stale(self.run_dir(trial_id), recursive=True))

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,18 +44,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(folder: str | os.PathLike, name: str | None = None, recursive: bool = False,
-                 skip: Iterable[str] = ()) -> list[Path]:
+def remove_stale(folder: str | os.PathLike, name: str | None = None, recursive: bool = False) -> list[Path]:
     """Remove the temporaries in `folder` of dead processes of this host; returns what was removed.
 
     `name` limits it to the temporaries of one target (`.<name>.tmp-...`); `recursive` also looks into
-    sub-folders (not into temporary folders themselves, nor into the sub-folders named in `skip`).
+    sub-folders (not into temporary folders themselves).
     Temporaries of live processes (another writer, still at work) and of other hosts are left alone,
     with a warning.
     """
     folder = Path(folder)
     host, removed = socket.gethostname(), []
-    skip = set(skip)
     try:
         entries = sorted(folder.iterdir())
     except (FileNotFoundError, NotADirectoryError):
@@ -64,7 +61,7 @@ def remove_stale(folder: str | os.PathLike, name: str | None = None, recursive: 
     for path in entries:
         match = TEMPORARY.fullmatch(path.name)
         if not match:
-            if recursive and path.name not in skip and path.is_dir() and not path.is_symlink():
+            if recursive and path.is_dir() and not path.is_symlink():
                 removed += remove_stale(path, name, recursive)
             continue
         if name is not None and match["name"] != name:

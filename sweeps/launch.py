@@ -23,12 +23,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from galaxygen import cli
 from galaxygen.config import ConfigError, TrainConfig, parse_assignments
 from galaxygen.evaluate import quick
-from galaxygen.results import ResultsStore, atomic_write_json
+from galaxygen.results import ResultsStore, WriteError, atomic_write_json, write_error
 from sweeps import slurm_options, spaces
 
 log = logging.getLogger("sweeps.launch")
@@ -176,6 +177,12 @@ def ray_temp_dir(results: Path) -> str:
     return f"/tmp/ray-{hashlib.sha1(str(results.resolve()).encode()).hexdigest()[:8]}"
 
 
+def tune_dir(results: Path) -> str:
+    """Ray Tune's own state, beside Ray's session files: a rerun resumes from the results store, never from
+    it, so it takes no space on the results disk and a full results disk cannot break Tune's records."""
+    return f"{ray_temp_dir(results)}/tune"
+
+
 class LockBusy(RuntimeError):
     """Another launcher runs this sweep."""
 
@@ -289,8 +296,9 @@ class Interrupt:
         return 128 + self.signum if self.signum else 0
 
 
-def stopper(interrupt: Interrupt):
-    """A Tune stopper that ends the experiment once the launcher was interrupted."""
+def stopper(stop: Callable[[], bool]):
+    """A Tune stopper that ends the experiment once `stop()` says so (the launcher was interrupted, or the
+    results folder takes no more writes)."""
     from ray import tune
 
     class OnInterrupt(tune.Stopper):
@@ -298,7 +306,7 @@ def stopper(interrupt: Interrupt):
             return False
 
         def stop_all(self) -> bool:
-            return interrupt.signum is not None
+            return stop()
 
     return OnInterrupt()
 
@@ -350,18 +358,26 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "unknown error")
 
 
+def trial_exception(trial) -> BaseException | None:
+    """The exception Tune pickled beside a failed trial (in Ray's session folder) before it called back."""
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            return pickle.load(f)
+    except Exception:  # no or unreadable error file
+        return None
+
+
 def trial_error(store: ResultsStore, trial_id: str, trial) -> str:
-    """A failed trial's cause in one line: its own recorded error, or why Ray lost its process."""
+    """A failed trial's cause in one line: the file it could not write (a full disk, a read-only folder), its
+    own recorded error, or why Ray lost its process."""
     from ray.exceptions import RayActorError
 
+    error = trial_exception(trial)
+    if (written := write_error(error)) is not None:
+        return str(written)
     row = store.read_trial(trial_id) or {}
     if row.get("status") == "failed" and row.get("error"):
         return first_line(row["error"])
-    try:  # Tune pickles the trial's exception beside it before it calls back
-        with open(trial.pickled_error_file, "rb") as f:
-            error = pickle.load(f)
-    except Exception:  # no or unreadable error file: say what is known
-        error = None
     if isinstance(error, RayActorError) or error is None:
         return ("its process died before the trial ended (killed by a signal, e.g. the out-of-memory killer, or "
                 f"crashed); its log is in the worker-*.err files under {ray_temp_dir(store.root)}/session_latest/logs")
@@ -379,6 +395,7 @@ class Progress:
         self.state: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.ended: set[str] = set()
+        self.write_error: WriteError | None = None  # the first trial error of a full or read-only results folder
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -403,6 +420,7 @@ class Progress:
         trial_id = trial_id_of(trial)
         cause = trial_error(self.store, trial_id, trial)
         self.errors[trial_id] = cause
+        self.write_error = self.write_error or write_error(trial_exception(trial))
         self.ended.add(trial_id)
         self.state.pop(trial.trial_id, None)
         self.say(f"{self.label(trial):28s} FAILED: {cause}")
@@ -445,8 +463,9 @@ def trial_id_of(trial) -> str:
 
 
 def run_sweep(args, sweep: spaces.Sweep, base: dict, configs: list[TrainConfig], interrupt: Interrupt,
-              options=None) -> dict[str, str]:
-    """Run the configs with Ray Tune; returns the failed trials' causes by trial id (Ray's view)."""
+              options=None) -> tuple[dict[str, str], WriteError | None]:
+    """Run the configs with Ray Tune; returns the failed trials' causes by trial id (Ray's view), and the
+    first write error of a full or read-only results folder, which stopped the sweep."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -484,9 +503,10 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, configs: list[TrainConfig],
                 search_alg=searcher(configs, concurrent, METRICS[args.metric]),
                 trial_dirname_creator=lambda t: f"{t.trial_id}",
             ),
-            run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(store.ray_dir()),
+            run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=tune_dir(results),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0,
-                                      stop=stopper(interrupt), callbacks=[progress.callback()]),
+                                      callbacks=[progress.callback()],
+                                      stop=stopper(lambda: interrupt.signum is not None or progress.write_error is not None)),
         )
         log.info("sweep %s: %d trial(s) on the %s backend, %d at a time; results in %s",
                  sweep.name, len(configs), backend, concurrent, store.dir)
@@ -494,7 +514,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, configs: list[TrainConfig],
         try:
             tuner.fit()
         except Exception as err:  # Tune's own records (e.g. its files on a full disk), after or instead of trials
-            log.warning("Ray Tune could not finish its own records in %s: %s", store.ray_dir(), first_line(err))
+            log.warning("Ray Tune could not finish its own records in %s: %s", tune_dir(results), first_line(err))
             for config in configs:  # a trial whose outcome Tune never reported failed with it
                 trial_id = config.resolved().signature()
                 if trial_id not in progress.ended:
@@ -502,7 +522,7 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, configs: list[TrainConfig],
         finally:
             interrupt.graceful = False
         # a trial that Ray saw end after the interrupt (its process got the signal too) was stopped, not failed
-        return progress.errors if interrupt.signum is None else {}
+        return (progress.errors if interrupt.signum is None else {}), progress.write_error
     finally:
         ray.shutdown()
 
@@ -656,6 +676,7 @@ def run(args, argv: list[str], sweep: spaces.Sweep, base: dict, configs: list[Tr
         options) -> int:
     """The sweep once its input is checked and its folder is ours: train what is unfinished, report, exit."""
     trial_ids = [c.resolved().signature() for c in configs]
+    store.remove_stale()  # the temporaries of killed writers of this host (kill -9 of a launcher or a trial)
     atomic_write_json({"name": sweep.name, "description": sweep.description, "varies": sweep.varies,
                        "base": base, "trials": trial_ids, "backend": args.backend,
                        "command": rerun_command(argv), "started": time.time()}, store.meta_path())
@@ -670,6 +691,7 @@ def run(args, argv: list[str], sweep: spaces.Sweep, base: dict, configs: list[Tr
               + (f"; running the other {len(todo)}" if todo else f" ({store.dir}); nothing to do"), flush=True)
     interrupt = Interrupt()
     errors: dict[str, str] = {}
+    disk: WriteError | None = None
     if todo:
         store.reserve_space(len(todo))  # room to record every trial's final status should the disk fill up
         interrupt.install()
@@ -680,7 +702,7 @@ def run(args, argv: list[str], sweep: spaces.Sweep, base: dict, configs: list[Tr
                 log.info("preparing the evaluation reference of %s (domain encoder, real statistics, baselines; "
                          "once per dataset)", base["data"])
                 prepare(base["data"], base["eval_n"], workers=os.cpu_count() or 1)
-            errors = run_sweep(args, sweep, base, todo, interrupt, options)
+            errors, disk = run_sweep(args, sweep, base, todo, interrupt, options)
         except KeyboardInterrupt:  # outside Tune, or a second signal: stop at once
             interrupt.signum = interrupt.signum or signal.SIGINT
         finally:
@@ -694,6 +716,10 @@ def run(args, argv: list[str], sweep: spaces.Sweep, base: dict, configs: list[Tr
         print(f"{signal.Signals(interrupt.signum).name}: {finished_now} of {len(configs)} trials finished; resume "
               f"with: {rerun_command(argv)}", file=sys.stderr)
         return interrupt.exit_status
+    if disk is not None:  # the disk filled up (or became read-only): the sweep stopped, its finished trials are kept
+        print(f"error: {disk}; the sweep stopped with {len(finished(store, configs))} of {len(configs)} trials "
+              f"finished: free space (or make the folder writable) and rerun: {rerun_command(argv)}", file=sys.stderr)
+        return 1
     if not args.no_figures and (todo or not store.report_dir().exists()):
         build_figures(store)
     print(f"results: {store.dir}  (TensorBoard: tensorboard --logdir {store.runs_dir()} --host 127.0.0.1)")

@@ -7,14 +7,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import suppress
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from galaxygen import checkpoint
 from galaxygen.results import ResultsStore, WriteError
+from tests.conftest import run_launcher
+from tests.test_faults import assert_clean_console
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,3 +144,76 @@ def test_a_write_to_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk)
     with pytest.raises(WriteError, match=f"read-only file system writing {small_disk}/sweep/trials/t2.parquet"):
         store.write_trial("t2", status="running")
 
+
+SWEEP = ["dfull", "--backend", "local", "--epochs", "1", "--grid", "dropout=0.1,0.5", "--set", "model=mlp1",
+         "--set", "batch_size=32", "--eval-n", "0", "--no-figures", "--max-concurrent", "1"]
+
+
+def trials_of(sweep_dir: Path):
+    return ResultsStore.from_dir(sweep_dir).trials().set_index("trial_id")
+
+
+def test_a_disk_that_fills_up_during_a_sweep_stops_it_truthfully_and_a_rerun_finishes(small_disk, blob_cache):
+    args = [*SWEEP, "--data", str(blob_cache)]
+    sweep_dir = small_disk / "dfull"
+    cmd = [sys.executable, "-m", "sweeps.launch", *args, "--results", str(small_disk)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # fill the disk once the first trial is finished: the second fails at its next write
+        deadline = time.monotonic() + 300
+        while not (sweep_dir / "trials").is_dir() or "completed" not in set(trials_of(sweep_dir)["status"]):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no trial finished within 300 s"
+            time.sleep(0.2)
+        filler = fill(small_disk)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on device writing {sweep_dir}/"), err
+    assert "the sweep stopped with 1 of 2 trials finished" in errors[0] and "rerun: " in errors[0]
+    assert_clean_console(out + err)
+    assert "Ray Tune could not" not in err  # Tune's own records are not on the results disk
+    failed = [line for line in out.splitlines() if "FAILED: " in line]  # the trial that hit the full disk
+    assert len(failed) == 1 and failed[0].split("FAILED: ")[1].startswith("no space left on device writing"), out
+    first = trials_of(sweep_dir)
+    assert sorted(first["status"]) == ["completed", "failed"]  # every status true, none left running
+    assert first.loc[first["status"] == "failed", "error"].iloc[0] == failed[0].split("FAILED: ")[1]
+    done = first.index[first["status"] == "completed"][0]
+    kept = ResultsStore.from_dir(sweep_dir).metrics(done)
+    assert not ResultsStore.from_dir(sweep_dir).reserve_path().exists()
+
+    filler.rename(small_disk / "filler-1")
+    filler = [small_disk / "filler-1", fill(small_disk)]  # the launcher freed its reserve: full again
+    still = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)  # one line, before Ray
+    errors = [line for line in still.stderr.splitlines() if line.startswith("error:")]
+    assert still.returncode == 2 and len(errors) == 1, still.stderr
+    assert str(sweep_dir) in errors[0] and "no space left on device" in errors[0].lower()
+    assert_clean_console(still.stdout + still.stderr)
+    assert set(trials_of(sweep_dir)["status"]) == {"completed", "failed"}
+    for path in filler:  # space is back: the same command finishes the sweep
+        path.unlink()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "1 of 2 trials already finished" in proc.stdout
+    store = ResultsStore.from_dir(sweep_dir)
+    again = trials_of(sweep_dir)
+    assert sorted(again.index) == sorted(first.index) and set(again["status"]) == {"completed"}
+    assert again.loc[done, "end_time"] == first.loc[done, "end_time"]  # not trained again
+    metrics = store.metrics()
+    assert not metrics.duplicated(["trial_id", "step", "epoch", "split", "metric"]).any()
+    assert {tid: store.epochs(tid) for tid in again.index} == {tid: [1] for tid in again.index}
+    pd.testing.assert_frame_equal(store.metrics(done), kept)  # nothing lost that was finished
+
+
+def test_a_read_only_results_folder_is_refused_in_one_line_before_ray_starts(small_disk, blob_cache):
+    from sweeps.launch import ray_temp_dir
+
+    (small_disk / "dfull").mkdir()
+    mount(small_disk, "ro")
+    proc = run_launcher([*SWEEP, "--data", str(blob_cache)], small_disk, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_clean_console(proc.stdout + proc.stderr)
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write to the results folder {small_disk}/dfull: Read-only file system"], proc.stderr
+    assert not os.path.exists(ray_temp_dir(small_disk))  # Ray never started

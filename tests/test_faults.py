@@ -18,7 +18,6 @@ import pytest
 from galaxygen.results import ResultsStore
 from sweeps.launch import ray_temp_dir
 from tests.conftest import run_launcher
-from tests.test_disk_faults import fill, mount, small_disk  # noqa: F401  (small_disk: the tmpfs fixture)
 
 TRIAL_ARGS = ["--backend", "local", "--set", "batch_size=16", "--eval-n", "0", "--no-figures"]
 
@@ -277,29 +276,3 @@ def test_two_failed_trials_exit_1_and_a_stale_lock_of_a_dead_launcher_is_taken_o
     assert_clean_console(proc.stdout + proc.stderr)
     assert not lock.exists()
 
-
-def test_a_disk_that_fills_up_mid_sweep_fails_its_trials_with_the_cause_and_a_rerun_finishes(
-        small_disk, blob_cache):  # noqa: F811
-    mount(small_disk, "size=40m")  # room for a trial's first epoch, then filled
-    args = ["full", "--data", str(blob_cache), "--epochs", "3", "--max-concurrent", "1", "--grid", "dropout=0.1,0.3",
-            *TRIAL_ARGS]
-    proc = launcher(args, small_disk)
-    store = ResultsStore(small_disk, "full")
-    try:
-        wait_for(lambda: any(store.metrics_root().glob("*/epoch-00001*")), proc)
-        filler = fill(small_disk)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 1, err[-3000:]
-    assert_clean_console(out + err)
-    trials = store.trials()
-    assert len(trials) == 2 and set(trials.status) == {"failed"}, trials  # recorded in the launcher's reserve
-    assert all("space left on device" in e.splitlines()[0] for e in trials.error)
-
-    full = run_launcher(args, small_disk, timeout=120)  # still full: one line, before Ray starts
-    assert full.returncode == 2 and full.stderr.strip().splitlines()[-1].startswith("error: no space left on device")
-    filler.unlink()
-    again = run_launcher(args, small_disk)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert set(statuses(small_disk, "full").values()) == {"completed"}
