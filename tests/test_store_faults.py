@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_the_launcher_repairs_bad_parts_and_finishes_the_sweep(tiny_sweep, tmp_p
     truncate(store.epoch_path(first, 2))  # the last epoch: its rows are in the last checkpoint
     garbage(store.part_path(second, "eval"))  # the evaluation: measured again
     (store.metrics_dir(first) / "epoch-00001 (copy).parquet").write_bytes(store.epoch_path(first, 1).read_bytes())
-    command = json.loads(store.meta_path().read_text())["command"][1:]
+    command = shlex.split(json.loads(store.meta_path().read_text())["command"])[3:]  # after python -m sweeps.launch
     i = command.index("--results")
     proc = run_launcher(command[:i] + command[i + 2:], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
