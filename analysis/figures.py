@@ -147,7 +147,7 @@ def colour_figure(data: SweepData, outputs: dict[str, TrialOutputs], add) -> Non
 LATENT_CAPTIONS = {
     "fitted": "VAEs decode latents drawn from their fitted latent prior (a Gaussian mixture fitted to the "
               "posterior means of their training galaxies), not from N(0, I)",
-    "prior": "decoded from z ~ N(0, I)",
+    "prior": "generated from z ~ N(0, I)",  # a GAN decodes z, a diffusion model denoises it (x_T)
 }
 
 
