@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -247,7 +248,7 @@ def test_eval_metrics_figure_is_skipped_without_eval_rows(sweep_dir, tmp_path):
 def test_launcher_ends_by_printing_the_report_it_wrote(tiny_sweep, tmp_path):
     """Re-running the finished tiny sweep without --no-figures skips training and only builds the report."""
     shutil.copytree(tiny_sweep, tmp_path / tiny_sweep.name, ignore=shutil.ignore_patterns("ray", "report"))
-    command = json.loads((tiny_sweep / "sweep.json").read_text())["command"][1:]
+    command = shlex.split(json.loads((tiny_sweep / "sweep.json").read_text())["command"])[3:]  # after python -m sweeps.launch
     i = command.index("--results")
     args = [a for a in command[:i] + command[i + 2:] if a != "--no-figures"]
     started = ResultsStore(tmp_path, tiny_sweep.name).trials().set_index("trial_id")["start_time"]
