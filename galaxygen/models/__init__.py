@@ -1,109 +1,18 @@
-"""The model registry: names are part of the public interface (`--model NAME`, config `model`).
+"""Generative models of galaxy images: the registry (`galaxygen.models.registry`) and every registered model.
 
-Every model takes images (B, 3, S, S) in [0, 1] and is built from image_size, latent_dim, width,
-depth and dropout (depth is each model's own notion: hidden layers of an MLP, residual blocks per
-stage of `resvae`; the report's fixed designs and the DCGAN keep theirs). Each registered model
-belongs to a `Family`, declared once in the family's own module (`vae`, `dcgan`): its kind, the
-objective that trains it and picks its best checkpoint, and the latent distributions it samples
-from. Every model has `latent_dim` and `sample(n, generator, latent)`; `generate` is the one seeded
-way to draw images from any of them.
+Importing this package registers the models (`cnn`, `cnn3`, `mlp1`, `mlp2`, `resvae`, `dcgan`, `diffusion`);
+each model module imports only the registry, so there is no import circle.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
-from torch import nn
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the models of one kind share.
-
-    objective: built as objective(model, config, env, device); it runs the train and held-out steps and
-        scores an epoch's summary (`score`, lower is better), which picks the best checkpoint.
-    latents: the latent distributions its models sample from, the default first.
-    """
-
-    kind: str
-    objective: type
-    latents: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registered model: its family, how to build it and its own defaults for the config's None fields."""
-
-    name: str
-    build: Callable[..., nn.Module]
-    family: Family
-    defaults: dict
-    summary: str
-    fixed_depth: bool = False  # depth is part of the design (the report's tables), not a knob
-
-    @property
-    def kind(self) -> str:
-        return self.family.kind
-
-
-MODELS: dict[str, ModelSpec] = {}
-
-
-def register(name: str, summary: str, family: Family, *, fixed_depth: bool = False, **defaults):
-    """Decorator adding a model builder of `family` to the registry under `name`."""
-
-    def wrap(build):
-        defaults.setdefault("lr", 1e-3)
-        MODELS[name] = ModelSpec(name, build, family, defaults, summary, fixed_depth)
-        return build
-
-    return wrap
-
-
-def all_latents() -> tuple[str, ...]:
-    """Every latent distribution some registered family samples from (for command-line choices)."""
-    return tuple(dict.fromkeys(latent for spec in MODELS.values() for latent in spec.family.latents))
-
-
-def build_model(config) -> nn.Module:
-    """Build the model a (resolved) TrainConfig names from image_size and the keys it has defaults for."""
-    spec = MODELS[config.model]
-    return spec.build(image_size=config.image_size, **{k: getattr(config, k) for k in spec.defaults if k != "lr"})
-
-
-def memory_format(model: nn.Module) -> torch.memory_format:
-    """The layout a model trains fastest in: channels-last when it has convolutions, else the default.
-
-    oneDNN (CPU) and cuDNN with mixed precision (GPU) run channels-last convolutions faster; measured on
-    2 CPU cores, a `cnn` training step takes 52 ms against 75 ms in the default layout.
-    """
-    convs = (nn.Conv2d, nn.ConvTranspose2d)
-    return torch.channels_last if any(isinstance(m, convs) for m in model.modules()) else torch.contiguous_format
-
-
-def autocast_args(config, device: torch.device) -> dict:
-    """Mixed precision (bf16 autocast) on GPU when config.amp; full precision on CPU."""
-    return dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
-
-
-@torch.no_grad()
-def generate(model: nn.Module, n: int, latent: str, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """n images (n, 3, S, S) in [0, 1], float32 on the CPU, decoded from `latent` draws seeded by `seed`.
-
-    The model samples in eval mode (its mode is restored after); the same model, n and seed give the
-    same images. `latent` is one of the model's family's latents (e.g. "prior", "fitted").
-    """
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    try:
-        parts = [model.sample(min(batch_size, n - i), generator=generator, latent=latent).float().cpu()
-                 for i in range(0, n, batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(parts).contiguous()
-
-
-from galaxygen.models import cnn, dcgan, diffusion, mlp, resvae  # noqa: E402,F401  (registration)
+from galaxygen.models import cnn, dcgan, diffusion, mlp, resvae  # noqa: F401  (registration)
+from galaxygen.models.registry import (  # noqa: F401  (the public interface)
+    MODELS,
+    Family,
+    ModelSpec,
+    all_latents,
+    autocast_args,
+    build_model,
+    generate,
+    memory_format,
+    register,
+)

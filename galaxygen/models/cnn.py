@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from galaxygen.models import register
+from galaxygen.models.registry import register
 from galaxygen.models.vae import FAMILY, VAE
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from galaxygen.models import Family, autocast_args, register
+from galaxygen.models.registry import Family, autocast_args, register
 from galaxygen.models.resvae import BOTTLENECK, check_size
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from galaxygen.models import Family, autocast_args, register
+from galaxygen.models.registry import Family, autocast_args, register
 
 TRAIN_STEPS = 1000  # T: timesteps of the forward process
 SCHEDULE = "squaredcos_cap_v2"  # diffusers' name of the cosine schedule

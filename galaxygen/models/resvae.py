@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from galaxygen.models import register
+from galaxygen.models.registry import register
 from galaxygen.models.vae import FAMILY, VAE
 
 BOTTLENECK = 4  # spatial size of the deepest feature map

@@ -10,8 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from galaxygen.data.loader import to_float
 from galaxygen.losses import elbo_loss, warmup_factor
-from galaxygen.models import Family, autocast_args
 from galaxygen.models.latent_prior import LatentPrior, fit_rows
+from galaxygen.models.registry import Family, autocast_args
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
