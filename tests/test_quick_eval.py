@@ -72,7 +72,7 @@ def test_launcher_budget_keeps_trial_ids_and_bad_values_fail(tmp_path):
 
     assert ids("--budget-min", "3") == ids()
     proc = run_launcher(["architecture", "--budget-min", "-1"], tmp_path)
-    assert proc.returncode == 2 and "budget_min" in proc.stderr and not (tmp_path / "architecture").exists()
+    assert proc.returncode == 2 and "--budget-min" in proc.stderr and not (tmp_path / "architecture").exists()
     proc = run_launcher(["search", "--metric", "lpips"], tmp_path)
     assert proc.returncode == 2 and "fid_domain" in proc.stderr
 
