@@ -342,7 +342,11 @@ def sweep_jobs(store: ResultsStore, driver: str) -> list[tuple[str, str, str]]:
 @pytest.mark.slurm
 def test_a_requeued_driver_adopts_its_jobs_and_finishes_the_sweep(cluster, blob_cache, tmp_path):
     """A driver job with a 2-minute limit (USR1 20 s before it) and a sweep that outlasts it: the driver
-    requeues itself, the next run adopts the trial jobs, and every trial runs exactly once."""
+    requeues itself, the next run adopts the trial jobs, and every trial runs exactly once.
+
+    SLURM's time-limit warning is USR1 to the batch shell (--signal=B:USR1@20). On an idle machine the sweep
+    can end before the limit, so the test also sends that same warning (scancel --batch --signal=USR1) as soon
+    as a trial is training: at least one requeue happens however fast the machine is."""
     results = tmp_path / "results"
     results.mkdir()
     # 3 trial jobs at a time leave a CPU of the 4-CPU test cluster to the requeued driver
@@ -350,6 +354,9 @@ def test_a_requeued_driver_adopts_its_jobs_and_finishes_the_sweep(cluster, blob_
                           "--max-concurrent", "3", sbatch=("--time=2", "--signal=B:USR1@20"))
     store = ResultsStore(results, "search")
     try:
+        wait_until(lambda: any(1 <= len(store.epochs(t)) < 20 for t in store.trial_ids()), 240,
+                   "a trial job in mid-training", interval=0.5)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", driver], check=True)
         wait_until(lambda: not [j for j in squeue() if j[0] == driver], 420, "the sweep driver to finish", interval=3)
     finally:
         subprocess.run(["scancel", driver], check=False)
