@@ -213,7 +213,7 @@ def train(cache: Cache, out: Path, config: dict | None = None, progress: bool = 
                 sched.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # refresh=True would bypass the log interval
     bar.close()
     model.eval()
     names = [*DESCRIPTOR_NAMES, *labels]
