@@ -56,7 +56,7 @@ class TrainConfig:
     log_every: int = 25
     eval_n: int = 0
     quick_eval_n: int = 0  # samples scored each epoch by the cheap fid_domain estimate (val fid_domain_quick); 0 = off
-    budget_min: float = 0.0  # wall-clock training budget in minutes: stop after the epoch that reaches it; 0 = off
+    budget_min: float = 0.0  # training budget in minutes (train.BudgetClock: CPU time on CPU): stop after the epoch that reaches it; 0 = off
     data: str = ""
 
     def __post_init__(self) -> None:

@@ -122,7 +122,9 @@ class Trainer:
         self.step = 0
         self.best = math.inf  # the objective's score of the best checkpoint (lower is better)
         self.best_epoch = 0
-        self.train_seconds = 0.0  # wall-clock time of the run's epochs so far, over resumes (config.budget_min)
+        self.clock = BudgetClock(device)
+        self.train_seconds = 0.0  # the budget clock's time of the run's epochs so far, over resumes (config.budget_min)
+        self.train_wall_seconds = 0.0  # their wall-clock time: beside train_seconds, the share of the CPU the run got
         self.writer = None
         self.quick = None
         if config.quick_eval_n and env.is_main:
@@ -132,7 +134,8 @@ class Trainer:
     def state(self) -> dict:
         return {"config": self.config.to_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
                 "best_epoch": self.best_epoch, "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.objective.optimizers],
-                "rng": checkpoint.rng_state(), "trial_id": self.trial_id, "train_seconds": self.train_seconds}
+                "rng": checkpoint.rng_state(), "trial_id": self.trial_id, "train_seconds": self.train_seconds,
+                "train_wall_seconds": self.train_wall_seconds}
 
     def restore(self) -> bool:
         path = self.store.checkpoint(self.trial_id, "last")
@@ -150,6 +153,7 @@ class Trainer:
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         self.best_epoch = state.get("best_epoch", 0)
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.train_wall_seconds = state.get("train_wall_seconds", self.train_seconds)
         checkpoint.set_rng_state(state["rng"])
         if self.env.is_main and state.get("epoch_rows"):
             self.store.write_epoch(self.trial_id, self.epoch, state["epoch_rows"])
@@ -172,7 +176,7 @@ class Trainer:
             self.writer = SummaryWriter(self.store.tb_dir(self.trial_id), purge_step=self.step if resumed else None)
         summary: dict = {}
         while self.epoch < self.config.epochs and not self.out_of_budget():
-            started = time.perf_counter()
+            started, started_wall = self.clock(), time.perf_counter()
             rows = self.train_epoch()
             rows += self.validate()
             self.epoch += 1
@@ -181,7 +185,8 @@ class Trainer:
                 if self.quick is not None:  # the cheap sample-quality estimate, on the model this epoch checkpoints
                     value = self.quick(self.model, self.config, self.config.seed)
                     rows.append({**self.row("val", quick.METRIC, value), "epoch": self.epoch})
-                self.train_seconds += time.perf_counter() - started
+                self.train_seconds += self.clock() - started
+                self.train_wall_seconds += time.perf_counter() - started_wall
                 summary = epoch_report(pd.DataFrame(rows), self.epoch)
                 self.log_epoch(summary)
                 score = self.objective.score(summary)  # the objective decides which checkpoint is best
@@ -195,7 +200,7 @@ class Trainer:
                     checkpoint.save(best, **self.state())
                 self.store.write_epoch(self.trial_id, self.epoch, rows)
                 self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_epoch=self.best_epoch,
-                                       train_seconds=self.train_seconds)
+                                       **self.timing())
                 if report is not None:
                     report(summary)
         if main:
@@ -208,13 +213,18 @@ class Trainer:
                                     run_name=".")
             self.writer.close()
             self.store.write_trial(self.trial_id, status="completed", end_time=time.time(), epochs_done=self.epoch,
-                                   best_epoch=self.best_epoch, train_seconds=self.train_seconds)
+                                   best_epoch=self.best_epoch, **self.timing())
             if not trained and report is not None:
                 report(summary)
         return summary
 
+    def timing(self) -> dict:
+        """The trial row's training time: on the budget's clock (see BudgetClock), on the wall, and which clock."""
+        return {"train_seconds": self.train_seconds, "train_wall_seconds": self.train_wall_seconds,
+                "budget_clock": self.clock.name}
+
     def out_of_budget(self) -> bool:
-        """True once the run's epochs have used its wall-clock budget (config.budget_min; 0 = no budget); every rank
+        """True once the run's epochs have used its training budget (config.budget_min; 0 = no budget); every rank
         takes rank 0's decision (its clock includes the checkpoints), so all stop after the same epoch."""
         if not self.config.budget_min:
             return False
@@ -340,8 +350,28 @@ class Trainer:
                  " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith(("train_loss", "val_"))))
 
 
+class BudgetClock:
+    """The clock a training budget (config.budget_min) is charged on: the compute the run was given.
+
+    On an accelerator (CUDA, MPS) it is the wall clock: the device is the run's alone, and the host's CPU time would
+    miss the device's work. On a CPU it is the process's CPU time divided by its torch threads: on an idle machine
+    that is the wall clock, and on a shared one (other jobs on the same cores) it does not count the time the run
+    waited for a core, so models trained one after another under changing load get the same compute. Batches are
+    made in the training thread (BatchLoader), so the process's CPU time includes them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.name = "wall" if device.type != "cpu" else "cpu"
+
+    def __call__(self) -> float:
+        if self.name == "wall":
+            return time.perf_counter()
+        return time.process_time() / torch.get_num_threads()
+
+
 def finished_budget(config: TrainConfig, train_seconds: float) -> bool:
-    """True when a run with a wall-clock budget (config.budget_min > 0) has trained for at least that long."""
+    """True when a run with a training budget (config.budget_min > 0) has trained for at least that long on its
+    BudgetClock."""
     return config.budget_min > 0 and train_seconds >= 60 * config.budget_min
 
 

@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=cli.positive, help=f"epochs per trial (default {DEFAULT_EPOCHS}; with "
                    "--budget-min, a cap beside the budget)")
     p.add_argument("--budget-min", type=cli.number(float, 0), default=0.0, metavar="M",
-                   help="train each trial for M minutes of wall-clock time instead of a number of epochs (it stops after "
-                   "the epoch that reaches M; the table's epochs_done says how far it got); compares models at equal time")
+                   help="train each trial for M minutes instead of a number of epochs (it stops after the epoch that "
+                   "reaches M; the table's epochs_done says how far it got); compares models at equal compute: minutes "
+                   "of wall clock on a GPU, of CPU time per thread on a CPU, so waiting for a shared core is not "
+                   "counted (train_seconds, beside train_wall_seconds)")
     p.add_argument("--metric", choices=sorted(METRICS), default="loss",
                    help="what trials are ranked (and, in the search sweep, stopped by ASHA) by: the held-out loss "
                    "(default) or fid_domain, estimated each epoch on quick_eval_n samples (default "
