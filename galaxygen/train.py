@@ -8,11 +8,14 @@ its last checkpoint with the same results as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import platform
 import random
+import socket
 import sys
 import time
 import traceback
@@ -170,7 +173,7 @@ class Trainer:
             self.store.clear_metrics(self.trial_id, after_epoch=self.epoch)
             self.store.write_trial(self.trial_id, status="running", error=None, job_id=os.environ.get("SLURM_JOB_ID"),
                                    config_hash=self.config.signature(), **self.config.to_dict(),
-                                   start_time=time.time(), epochs_done=self.epoch)
+                                   start_time=time.time(), epochs_done=self.epoch, hardware=hardware(self.device))
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(self.store.tb_dir(self.trial_id), purge_step=self.step if resumed else None)
@@ -367,6 +370,20 @@ class BudgetClock:
         if self.name == "wall":
             return time.perf_counter()
         return time.process_time() / torch.get_num_threads()
+
+
+def hardware(device: torch.device) -> str:
+    """What a run trains on, for its trial row: the host and its accelerator, or its CPU model, cores and threads."""
+    host = socket.gethostname()
+    if device.type == "cuda":
+        return f"{host}: {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":
+        return f"{host}: {device.type}"
+    cpu = platform.processor() or "CPU"
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{host}: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
 
 
 def finished_budget(config: TrainConfig, train_seconds: float) -> bool:

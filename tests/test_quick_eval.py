@@ -56,6 +56,7 @@ def test_a_wall_clock_budget_ends_the_run_after_the_epoch_that_reaches_it(tmp_pa
     row = store.read_trial("budget")
     assert row["status"] == "completed" and row["epochs_done"] == summary["epoch"] == 1
     assert row["train_seconds"] >= 6e-3 and row["train_wall_seconds"] > 0 and row["budget_clock"] == "cpu"
+    assert "cores" in row["hardware"]
     last = store.checkpoint("budget", "last")
     before = os.path.getmtime(last)
     assert run(config, tmp_path, "t", "budget") == pytest.approx(summary)  # spent: a rerun does no work
