@@ -112,9 +112,8 @@ def checkpoint_figures(data: SweepData, heldouts: HeldOutSets, add) -> list[str]
     if not any(o.samples is not None for o in outputs.values()):
         return notes + ["samples, reconstructions and latent space not drawn: no checkpoint could be read"]
     source = sampled_from({o.latent_name for o in outputs.values() if o.samples is not None})
-    add(lambda: plots.sample_grid(data, {u: o.samples for u, o in outputs.items()}, reason("samples"), source),
-        "samples", "Samples", f"{N_SAMPLES} images per trial from its best checkpoint, same seed (report Figures 9, "
-        f"15); {source}.")
+    add(lambda: draw_samples(data, outputs), "samples", "Samples", f"{N_SAMPLES} images per trial from its best "
+        f"checkpoint, same seed (report Figures 9, 15); {source}.")
     if not len(inputs):
         return notes + ["reconstructions and latent space not drawn: no held-out galaxies could be read"]
     if any(o.recon is not None for o in outputs.values()):
@@ -124,6 +123,16 @@ def checkpoint_figures(data: SweepData, heldouts: HeldOutSets, add) -> list[str]
     colour_figure(data, outputs, add)
     latent_figures(data, outputs, reason("latent"), add)
     return notes
+
+
+def draw_samples(data: SweepData, outputs: dict[str, TrialOutputs]):
+    """The figure of every trial's samples (a panel each; why, where a trial has none), or None when no trial
+    has any."""
+    if not any(o.samples is not None for o in outputs.values()):
+        return None
+    source = sampled_from({o.latent_name for o in outputs.values() if o.samples is not None})
+    return plots.sample_grid(data, {u: o.samples for u, o in outputs.items()},
+                             {u: o.reasons.get("samples", "") for u, o in outputs.items()}, source)
 
 
 def colour_figure(data: SweepData, outputs: dict[str, TrialOutputs], add) -> None:

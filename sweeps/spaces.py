@@ -64,7 +64,7 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("augmentation", "augmentation on/off for mlp2 and cnn (report Figs. 12-14)",
               {"model": ["mlp2", "cnn"], "augment": [True, False]}),
         Sweep("data_reduction", "fraction of the train split used", {"data_fraction": [1.0, 0.5, 0.25, 0.1]}),
-        Sweep("architecture", "every registered model at the same data and epoch budget", {"model": sorted(MODELS)}),
+        Sweep("architecture", "every registered model at the same data and budget (epochs, or minutes with --budget-min)", {"model": sorted(MODELS)}),
         Sweep("search", "random search over lr, alpha, latent size and dropout with ASHA early stopping",
               sample=_search_space(), samples=8, early_stopping=True),
     ]
