@@ -402,14 +402,36 @@ def scancel(*job_ids: str) -> None:
         subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60, check=False)
 
 
+def ask_squeue(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """{job id: (state, reason)} of the jobs SLURM still lists, from ONE `squeue` call (`-t all`: jobs that ended
+    recently are listed too, with their final state); None when squeue is missing or fails. Never sacct."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-t", "all", f"--jobs={','.join(job_ids)}", "-o", "%i|%T|%r"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # one unknown id alone is an error; several are simply not listed
+        return {} if "Invalid job id" in out.stderr else None
+    jobs = {}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) == 3:
+            jobs[parts[0]] = (parts[1], parts[2])
+    return jobs
+
+
 class SqueueSnapshot:
     """The SLURM state of every unfinished job of a sweep, from ONE `squeue` call per `max_age_s`, shared by all
-    its pollers (each trial polls in its own Ray worker process) through slurm_logs/squeue.json
-    (`ResultsStore.squeue_path`).
+    its pollers (each trial polls in its own Ray worker process) and by `sweeps.status` through
+    slurm_logs/squeue.json (`ResultsStore.squeue_path`).
 
     Whichever poller first finds the file older than `max_age_s` takes an fcntl lock, asks
     `squeue --jobs=<every unfinished job id in slurm_logs/*/job.json>` and rewrites the file atomically; the
     others read it. A job submitted after the snapshot counts as alive until the next one asks about it.
+    The file: {"time", "max_age_s", "asked": [ids], "ok": squeue answered, "jobs": {id: state},
+    "reasons": {id: SLURM's reason, for pending jobs}}.
     """
 
     def __init__(self, store: ResultsStore, max_age_s: float):
@@ -419,9 +441,10 @@ class SqueueSnapshot:
 
     def read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            snap = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return snap if isinstance(snap, dict) else None
 
     def fresh(self, snap: dict | None) -> bool:
         return snap is not None and 0 <= time.time() - snap.get("time", 0) < self.max_age_s
@@ -443,17 +466,10 @@ class SqueueSnapshot:
         from galaxygen.results import atomic_write_json
 
         ids = sorted(unfinished_jobs(self.store), key=lambda j: (len(j), j))
-        snap: dict[str, Any] = {"time": time.time(), "asked": ids, "jobs": {}, "ok": True}
-        if ids:
-            try:
-                out = subprocess.run(["squeue", "-h", "-t", "all", f"--jobs={','.join(ids)}", "-o", "%i %T"],
-                                     capture_output=True, text=True, timeout=60)
-                if out.returncode == 0:
-                    snap["jobs"] = dict(line.split()[:2] for line in out.stdout.splitlines() if line.strip())
-                else:  # one unknown id alone is an error; several are simply not listed
-                    snap["ok"] = "Invalid job id" in out.stderr
-            except (OSError, subprocess.TimeoutExpired):
-                snap["ok"] = False
+        jobs = ask_squeue(ids)
+        snap: dict[str, Any] = {"time": time.time(), "max_age_s": self.max_age_s, "asked": ids,
+                                "ok": jobs is not None, "jobs": {j: s for j, (s, _) in (jobs or {}).items()},
+                                "reasons": {j: r for j, (s, r) in (jobs or {}).items() if s == "PENDING"}}
         atomic_write_json(snap, self.path)
         return snap
 
@@ -467,6 +483,16 @@ class SqueueSnapshot:
 
     def alive(self, job_id: str) -> bool:
         return self.state(job_id) in ACTIVE_STATES | {"UNKNOWN"}
+
+
+def live_snapshot(store: ResultsStore) -> dict | None:
+    """The sweep's squeue snapshot while a driver keeps it up to date (its pollers refresh it once it is older
+    than its max_age_s, at their next poll), else None: younger than twice that interval."""
+    snap = SqueueSnapshot(store, 0).read()
+    if snap is None:
+        return None
+    age = time.time() - float(snap.get("time", 0))
+    return snap if 0 <= age < 2 * float(snap.get("max_age_s", 0)) else None
 
 
 def job_records(store: ResultsStore) -> Iterator[tuple[Path, dict]]:

@@ -2,12 +2,17 @@
 
 One table from the results folder alone (no driver needed, e.g. on a login node after the driver died):
 each trial's state, the epoch it reached, its latest and best held-out loss, its SLURM job and, while the
-job waits, SLURM's reason; then a summary line with an ETA from the epoch times so far.
+job waits, SLURM's reason (a failed trial's error, a stopped trial's reason); then a summary line with an
+ETA from the epoch times so far.
 
 States: pending, running, completed, failed, stopped as recorded; `lost` for a trial recorded as pending or
 running whose SLURM job is gone from squeue or whose local launcher is gone; `running?` when that cannot be
-checked from here (no squeue on this machine, or no launcher lock file to test). SLURM is asked once per refresh, with one squeue call for all
-jobs, and only when squeue exists.
+checked from here (no squeue on this machine, or no launcher lock file to test).
+
+The scheduler is not asked while a driver runs: job states come from the squeue snapshot its pollers share
+(RESULTS/SWEEP/slurm_logs/squeue.json). Only without a fresh snapshot (the driver died) does status run one
+squeue call for the sweep's open jobs, at most once per the driver's squeue interval (30 s by default), so
+--watch adds no scheduler load. Never sacct.
 
 Exit status: 0, or 2 for a folder that is not a sweep, 130 when --watch is interrupted.
 """
@@ -20,8 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +33,8 @@ from pathlib import Path
 import pandas as pd
 
 from galaxygen.results import ResultsStore
+from sweeps.slurm_job import ACTIVE_STATES, SqueueSnapshot, ask_squeue, live_snapshot
+from sweeps.slurm_options import SlurmOptions
 
 FINAL = ("completed", "failed", "stopped")
 
@@ -49,26 +54,39 @@ class TrialStatus:
     label: str = ""
 
 
-def squeue(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
-    """{job id: (state, reason)} of the jobs SLURM still knows, from one squeue call; None when squeue is
-    missing or fails (the jobs' fate is then unknown)."""
-    if not job_ids:
-        return {}
-    if not shutil.which("squeue"):
-        return None
-    try:
-        out = subprocess.run(["squeue", f"--jobs={','.join(job_ids)}", "-h", "-o", "%i|%T|%r"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return {} if "Invalid job id" in out.stderr else None  # every job has left SLURM's memory
-    jobs = {}
-    for line in out.stdout.splitlines():
-        parts = line.strip().split("|", 2)
-        if len(parts) == 3:
-            jobs[parts[0]] = (parts[1], parts[2])
-    return jobs
+class SlurmView:
+    """SLURM's view of the sweep's jobs: the driver's shared squeue snapshot (slurm_logs/squeue.json) while a
+    live driver keeps it fresh, which costs the scheduler nothing; else (the driver died, or the sweep ended
+    with trials still open) one `squeue` call of its own for the sweep's open jobs, at most once per the
+    driver's squeue interval however often --watch refreshes. Never sacct."""
+
+    def __init__(self, store: ResultsStore):
+        self.store = store
+        self.asked_at = -math.inf  # monotonic time of this view's last own squeue call
+        self.own: dict[str, tuple[str, str]] | None = None
+        self.own_ids: set[str] = set()
+        self.source = ""  # where the last answer came from, for the summary
+
+    def jobs(self, job_ids: list[str]) -> dict[str, tuple[str, str] | None] | None:
+        """Per job id: (state, reason), or None when SLURM no longer lists it; an id left out is not known yet
+        (submitted after the driver's snapshot). None altogether when squeue cannot be asked from here."""
+        if not job_ids:
+            return {}
+        snap = live_snapshot(self.store)
+        if snap is not None:
+            self.source = f"the driver's squeue snapshot, {max(0.0, time.time() - snap['time']):.0f} s old"
+            if not snap.get("ok"):
+                return None
+            asked, jobs, reasons = set(snap.get("asked", ())), snap.get("jobs", {}), snap.get("reasons", {})
+            return {j: ((jobs[j], reasons.get(j, "")) if j in jobs else None) for j in job_ids if j in asked}
+        stale = SqueueSnapshot(self.store, 0).read() or {}
+        interval = float(stale.get("max_age_s") or SlurmOptions.squeue_s)
+        if time.monotonic() - self.asked_at >= interval or not set(job_ids) <= self.own_ids:
+            self.own, self.own_ids, self.asked_at = ask_squeue(job_ids), set(job_ids), time.monotonic()
+        self.source = "squeue (no driver is polling the sweep)"
+        if self.own is None:
+            return None
+        return {j: self.own.get(j) for j in job_ids}
 
 
 def launcher_alive(store: ResultsStore) -> bool | None:
@@ -111,7 +129,7 @@ def held_out_losses(metrics: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def collect(store: ResultsStore) -> tuple[list[TrialStatus], pd.DataFrame]:
+def collect(store: ResultsStore, slurm: SlurmView | None = None) -> tuple[list[TrialStatus], pd.DataFrame]:
     """The status of every trial of the sweep (those named by sweep.json but not started are pending)."""
     trials = store.trials()
     metrics = store.metrics()
@@ -131,31 +149,48 @@ def collect(store: ResultsStore) -> tuple[list[TrialStatus], pd.DataFrame]:
             epoch=int(reached) if not pd.isna(reached) else 0,
             epochs=int(epochs) if epochs is not None and not pd.isna(epochs) else None,
             latest=float(losses["latest"].get(trial_id, math.nan)), best=float(losses["best"].get(trial_id, math.nan)),
-            job_id=job_id_of(store, trial_id, row) if row else None,
+            job_id=job_id_of(store, trial_id, row) if row else None, reason=ended_why(row),
             label=" ".join(f"{k}={row.get(k)}" for k in varies) if row else ""))
-    check_liveness(store, statuses)
+    check_liveness(store, statuses, slurm or SlurmView(store))
     return statuses, metrics
 
 
-def check_liveness(store: ResultsStore, statuses: list[TrialStatus]) -> None:
+def ended_why(row: dict) -> str:
+    """A failed trial's error (its first line: "no space left on device writing PATH", "TrainingDiverged: ...")
+    or a stopped trial's reason; empty otherwise."""
+    text = row.get("error") if row.get("status") == "failed" else row.get("stop_reason") \
+        if row.get("status") == "stopped" else None
+    if not isinstance(text, str):
+        return ""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def check_liveness(store: ResultsStore, statuses: list[TrialStatus], slurm: SlurmView) -> None:
     """Mark pending/running trials whose job or launcher is gone as `lost` (or `running?` when unknowable),
-    and give pending SLURM jobs SLURM's reason; one squeue call for all jobs."""
+    and give pending SLURM jobs SLURM's reason (see SlurmView for where job states come from)."""
     open_trials = [s for s in statuses if s.state not in FINAL]
-    jobs = squeue(sorted({s.job_id for s in open_trials if s.job_id}))
+    jobs = slurm.jobs(sorted({s.job_id for s in open_trials if s.job_id}))
     launcher = launcher_alive(store) if any(not s.job_id for s in open_trials) else None
     for s in open_trials:
         if s.job_id:
             if jobs is None:
                 s.state = f"{s.state}?"
             elif s.job_id not in jobs:
-                s.state = "lost"
-                s.reason = f"job {s.job_id} is gone from squeue"
-            else:
+                continue  # submitted after the driver's last squeue: as recorded
+            elif jobs[s.job_id] is not None and jobs[s.job_id][0] in ACTIVE_STATES:
                 slurm_state, reason = jobs[s.job_id]
                 if slurm_state == "PENDING":
                     s.state, s.reason = "pending", reason
                 elif s.state == "pending":
                     s.state = "running"  # the job started; its first epoch is not written yet
+            else:
+                row = store.read_trial(s.trial_id) or {}
+                if row.get("status") in FINAL:  # it ended after the table was read
+                    s.state, s.reason = row["status"], ended_why(row)
+                elif jobs[s.job_id] is None:
+                    s.state, s.reason = "lost", f"job {s.job_id} is gone from squeue"
+                else:
+                    s.state, s.reason = "lost", f"job {s.job_id} ended ({jobs[s.job_id][0]}) without recording it"
         elif launcher is False and s.state == "running":
             s.state = "lost"
             s.reason = "its launcher is gone"
@@ -219,13 +254,16 @@ def table(statuses: list[TrialStatus]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def render(store: ResultsStore) -> tuple[str, bool]:
+def render(store: ResultsStore, slurm: SlurmView | None = None) -> tuple[str, bool]:
     """The table and summary, and whether nothing is left running or queued (every trial finished or lost)."""
-    statuses, metrics = collect(store)
+    slurm = slurm or SlurmView(store)
+    slurm.source = ""
+    statuses, metrics = collect(store, slurm)
     if not statuses:
         return f"{store.dir}: no trials recorded yet", False
     done = all(s.state in (*FINAL, "lost") for s in statuses)
-    return f"{table(statuses)}\n{summary_line(statuses, metrics)}", done
+    source = f"\nSLURM job states from {slurm.source}" if slurm.source else ""
+    return f"{table(statuses)}\n{summary_line(statuses, metrics)}{source}", done
 
 
 def positive_seconds(text: str) -> float:
@@ -255,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.sweep} is not a sweep folder (no trials/ or sweep.json): expected RESULTS/SWEEP "
               "written by python -m sweeps.launch", file=sys.stderr)
         return 2
+    slurm = SlurmView(store)
     try:
         while True:
-            text, done = render(store)
+            text, done = render(store, slurm)
             if args.watch and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
             print(text if not args.watch else f"[{time.strftime('%H:%M:%S')}] {store.dir}\n{text}", flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from galaxygen.results import ResultsStore, atomic_write_json
 from sweeps import status
+from tests.test_slurm import cluster, counting_shims  # noqa: F401  (cluster: a fixture)
 
 
 def epoch_rows(epoch: int, loss: float, seconds: float = 10.0) -> list[dict]:
@@ -77,10 +77,27 @@ def test_without_squeue_a_slurm_trial_is_marked_uncertain(tmp_path, monkeypatch)
     assert by_id(status.collect(store)[0])["run"].state == "running?"
 
 
+def watch(store: ResultsStore, env: dict, seconds: float) -> str:
+    """`sweeps.status --watch` every 0.5 s for `seconds` (or until it ends by itself); its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.status", str(store.dir), "--watch", "--interval", "0.5"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+    return out
+
+
+def squeue_calls(shims) -> list[str]:
+    path = shims / "squeue.calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
 @pytest.mark.slurm
+@pytest.mark.usefixtures("cluster")
 def test_slurm_reason_of_a_pending_job_and_a_job_gone_from_squeue(tmp_path):
-    if not shutil.which("sbatch"):
-        pytest.skip("no SLURM client")
     held = subprocess.run(["sbatch", "--hold", "--parsable", "--job-name=status-test", "--wrap", "true"],
                           capture_output=True, text=True, timeout=60)
     assert held.returncode == 0, held.stderr
@@ -91,13 +108,55 @@ def test_slurm_reason_of_a_pending_job_and_a_job_gone_from_squeue(tmp_path):
         rows = by_id(status.collect(store)[0])
         assert rows["run"].state == "pending" and rows["run"].job_id == job and "Held" in rows["run"].reason
         assert rows["gone"].state == "lost" and "squeue" in rows["gone"].reason
-        proc = subprocess.run([sys.executable, "-m", "sweeps.status", str(store.dir)], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        line = next(row for row in proc.stdout.splitlines() if row.startswith("run "))
-        assert job in line and "Held" in line
+        assert rows["fail"].reason == "boom"  # a failed trial shows its error
+        # no driver keeps the shared snapshot fresh (this one is a dead driver's): --watch asks squeue itself,
+        # ONE call for the sweep's open jobs per the driver's squeue interval, however often it refreshes
+        atomic_write_json({"time": time.time() - 60, "max_age_s": 30.0, "asked": [job], "ok": True,
+                           "jobs": {job: "RUNNING"}, "reasons": {}}, store.squeue_path())
+        env = counting_shims(tmp_path / "bin", "squeue")
+        out = watch(store, env, 4.0)
+        calls = squeue_calls(tmp_path / "bin")
+        assert len(calls) == 1 and f"--jobs={job},999999" in calls[0] and "sacct" not in out, calls
+        assert out.count("] ") >= 3, out  # several refreshes
+        line = next(row for row in out.splitlines() if row.startswith("run "))
+        assert job in line and "Held" in line and "SLURM job states from squeue (no driver" in out
     finally:
         subprocess.run(["scancel", job], timeout=60)
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("cluster")
+def test_watch_beside_a_live_driver_calls_no_squeue(tmp_path, blob_cache):
+    """A real one-trial SLURM sweep whose job waits 8 s to start (--begin): status --watch, refreshing every
+    0.5 s beside it, shows the job pending with SLURM's reason, then running, then completed, all from the
+    driver's shared snapshot, without a squeue call of its own."""
+    results = tmp_path / "results"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.launch", "dropout", "--backend", "slurm", "--data", str(blob_cache),
+         "--epochs", "2", "--grid", "dropout=0.1", "--set", "model=mlp1", "--set", "batch_size=32", "--eval-n", "0",
+         "--no-figures", "--results", str(results), "--slurm-poll-s", "0.5", "--slurm-squeue-s", "2",
+         "--sbatch=--begin=now+8"], env=counting_shims(tmp_path / "driver-bin", "squeue"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = ResultsStore(results, "dropout")
+    try:
+        deadline = time.monotonic() + 120
+        while not store.squeue_path().exists():  # the trial's job is submitted and its poller asked squeue
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-3000:]
+            time.sleep(0.2)
+        out = watch(store, counting_shims(tmp_path / "status-bin", "squeue"), 120.0)  # ends when the trial does
+        driver_out, _ = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, driver_out[-3000:]
+    assert squeue_calls(tmp_path / "status-bin") == [], out  # none of its own beside a live driver
+    assert squeue_calls(tmp_path / "driver-bin"), "the driver's squeue calls were not counted"
+    frames = ["\n" + frame for frame in out.split("\n[")]
+    trial = store.trial_ids()[0]
+    states = [next(line.split()[2] for line in frame.splitlines() if line.startswith(trial)) for frame in frames]
+    pending = next(frame for frame in frames if f"{trial} " in frame and " pending " in frame)
+    assert "BeginTime" in pending and "from the driver's squeue snapshot" in pending, pending
+    assert "running" in states and states[-1] == "completed", states
+    assert out.rstrip().endswith("nothing left to run"), out[-2000:]
 
 
 def test_not_a_sweep_exits_2_with_one_line(tmp_path):
