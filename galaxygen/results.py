@@ -127,6 +127,17 @@ def write_error(err: BaseException | None) -> WriteError | None:
     return None
 
 
+def write_error_in(text: str) -> WriteError | None:
+    """The WriteError named in a traceback printed elsewhere (a SLURM job's, from submitit's result file or the
+    job's log): its last "...WriteError: <strerror> writing PATH" line, rebuilt; None when there is none."""
+    for line in reversed(str(text).splitlines()):
+        found = re.match(r"^\s*(?:[\w.]+\.)?WriteError: (.+?) writing (.+?)\s*$", line)
+        if found:
+            number = next((n for n in WRITE_ERRNOS if os.strerror(n).lower() == found[1].lower()), errno.EIO)
+            return WriteError(number, os.strerror(number), found[2])
+    return None
+
+
 @dataclass(frozen=True, order=True)
 class BadPart:
     """A store file that cannot be read: its path, what is wrong, and which trial and part it is."""

@@ -41,6 +41,7 @@ from galaxygen.results import (
     atomic_write_json,
     check_trial_id,
     epoch_report,
+    write_error,
 )
 
 log = logging.getLogger(__name__)
@@ -426,14 +427,20 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
         trainer = Trainer(config, store, trial_id, env, device)
         return trainer.fit(report, evaluate)
     except Exception as err:
+        # a full disk or a read-only folder is one line naming the file (a traceback adds nothing), and raised as
+        # a WriteError whatever wrote it (TensorBoard's writer raises a bare OSError)
+        written = write_error(err)
         if env.is_main:
             try:
                 store.write_trial(trial_id, status="failed", end_time=time.time(),
-                                  error=f"{type(err).__name__}: {err}\n{traceback.format_exc()}",
+                                  error=str(written) if written else f"{type(err).__name__}: {err}\n"
+                                                                     f"{traceback.format_exc()}",
                                   **({} if store.read_trial(trial_id) else {**config.to_dict(),
                                                                               "config_hash": config.signature()}))
             except OSError as row_err:  # a full disk or a read-only folder: the caller records it (or reports it)
                 log.error("could not record the failure of %s: %s", trial_id, row_err)
+        if written is not None and written is not err:
+            raise written from err
         raise
     finally:
         distributed.teardown()

@@ -47,7 +47,7 @@ from typing import Any
 from ray import tune
 
 from galaxygen.config import TrainConfig
-from galaxygen.results import ResultsStore, atomic_write_json, epoch_report
+from galaxygen.results import ResultsStore, atomic_write_json, epoch_report, write_error_in, writing
 from sweeps.slurm_job import (
     ACTIVE_STATES,
     CANCELLED,
@@ -123,8 +123,9 @@ class TrialPoller:
 
     def touch_heartbeat(self) -> None:
         """Tell the job's watchdog that a driver still polls this trial."""
-        self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
-        self.heartbeat.write_text(f"{time.time():.3f} {self.driver.tag}\n")
+        with writing(self.heartbeat):
+            self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
+            self.heartbeat.write_text(f"{time.time():.3f} {self.driver.tag}\n")
 
     def start(self) -> None:
         """Adopt the trial's job from an earlier driver, replay a final trial from the store, or submit a job."""
@@ -276,12 +277,18 @@ class TrialPoller:
                                    f"{outcome[1]}")
 
     def fail(self, detail: str) -> None:
-        """Record the job's remote traceback as the trial's error and raise it."""
-        self.store.write_trial(self.trial_id, status="failed", error=str(detail), end_time=time.time(),
+        """Record the job's remote traceback as the trial's error and raise it. A job that could not write its
+        results (a full disk, a read-only folder) is one line naming the file, raised as the WriteError it was,
+        so the sweep stops as it does on the local backend."""
+        written = write_error_in(detail)
+        self.store.write_trial(self.trial_id, status="failed", error=str(written or detail), end_time=time.time(),
                                job_id=self.job.job_id if self.job else None)
         self.finish()
-        raise SlurmTrialError(f"trial {self.trial_id}: SLURM job {self.job.job_id if self.job else '-'} failed:\n"
-                              f"{detail}")
+        failure = SlurmTrialError(f"trial {self.trial_id}: SLURM job {self.job.job_id if self.job else '-'} "
+                                  f"failed:\n{detail}")
+        if written is not None:
+            raise written from failure
+        raise failure
 
     def finish(self) -> None:
         if not self.finished and self.job is not None:

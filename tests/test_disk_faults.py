@@ -19,6 +19,7 @@ from galaxygen import checkpoint
 from galaxygen.results import ResultsStore, WriteError
 from tests.conftest import run_launcher
 from tests.test_faults import assert_clean_console
+from tests.test_slurm import cluster  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,3 +218,62 @@ def test_a_read_only_results_folder_is_refused_in_one_line_before_ray_starts(sma
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: cannot write to the results folder {small_disk}/dfull: Read-only file system"], proc.stderr
     assert not os.path.exists(ray_temp_dir(small_disk))  # Ray never started
+
+
+
+def test_a_write_error_is_read_back_from_a_remote_traceback():
+    """What reaches the SLURM driver of a job's failure is its traceback as text (submitit's result file, or the
+    log's last lines): the WriteError in it is rebuilt, errno included; any other failure is not one."""
+    import errno
+
+    from galaxygen.results import write_error_in
+
+    try:
+        try:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        except OSError as err:
+            raise WriteError(err.errno, err.strerror, "/r/s/runs/t 1/last.pt") from err
+    except WriteError:
+        import traceback
+
+        text = traceback.format_exc() + "srun: error: node1: task 0: Exited with exit code 1\n"
+    found = write_error_in(text)
+    assert isinstance(found, WriteError) and found.errno == errno.EROFS
+    assert str(found) == "read-only file system writing /r/s/runs/t 1/last.pt"
+    assert write_error_in("Traceback (most recent call last):\nValueError: no space left") is None
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("cluster")
+def test_a_slurm_trial_on_a_full_disk_fails_with_one_line_naming_the_file(small_disk, blob_cache):
+    """A SLURM trial job whose results disk fills up mid-training (1 MB left: its checkpoint no longer fits):
+    the driver, the trial's row and sweeps.status give one line naming the file, as on the local backend."""
+    sweep_dir = small_disk / "dslurm"
+    cmd = [sys.executable, "-m", "sweeps.launch", "dslurm", "--backend", "slurm", "--data", str(blob_cache),
+           "--epochs", "30", "--grid", "dropout=0.1", "--set", "batch_size=16", "--set", "log_every=4",
+           "--eval-n", "0", "--no-figures", "--results", str(small_disk), "--slurm-poll-s", "0.5",
+           "--slurm-squeue-s", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep_dir.glob("metrics/*/epoch-00001.parquet")):  # the job trains
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        filler = fill(small_disk)
+        os.truncate(filler, filler.stat().st_size - 2**20)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert_clean_console(out + err)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on device writing {sweep_dir}/"), err
+    failed = [line.split("FAILED: ")[1] for line in out.splitlines() if "FAILED: " in line]
+    assert len(failed) == 1 and failed[0].startswith(f"no space left on device writing {sweep_dir}/"), out
+    row = ResultsStore.from_dir(sweep_dir).trials().iloc[0]
+    assert row["status"] == "failed" and "\n" not in row["error"], row["error"]
+    assert row["error"].startswith(f"no space left on device writing {sweep_dir}/"), row["error"]
+    filler.unlink()
+    shown = subprocess.run([sys.executable, "-m", "sweeps.status", str(sweep_dir)], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    line = next(line for line in shown.stdout.splitlines() if line.startswith(row["trial_id"]))
+    assert shown.returncode == 0 and " failed " in line and line.endswith(row["error"]), shown.stdout
