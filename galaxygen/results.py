@@ -128,14 +128,15 @@ def write_error(err: BaseException | None) -> WriteError | None:
 
 
 def write_error_in(text: str) -> WriteError | None:
-    """The WriteError named in a traceback printed elsewhere (a SLURM job's, from submitit's result file or the
-    job's log): its last "...WriteError: <strerror> writing PATH" line, rebuilt; None when there is none."""
-    for line in reversed(str(text).splitlines()):
-        found = re.match(r"^\s*(?:[\w.]+\.)?WriteError: (.+?) writing (.+?)\s*$", line)
-        if found:
-            number = next((n for n in WRITE_ERRNOS if os.strerror(n).lower() == found[1].lower()), errno.EIO)
-            return WriteError(number, os.strerror(number), found[2])
-    return None
+    """The WriteError named in a text: a traceback printed elsewhere (a SLURM job's, from submitit's result file
+    or the job's log), by its last "...WriteError: <strerror> writing PATH" line, or a trial's recorded error
+    that is that one line alone; rebuilt, errno included. None when there is none."""
+    lines = str(text).strip().splitlines()
+    tagged = [line for line in lines if re.match(r"^\s*(?:[\w.]+\.)?WriteError: ", line)]
+    line = tagged[-1] if tagged else lines[0] if len(lines) == 1 else ""
+    found = re.match(r"^\s*(?:(?:[\w.]+\.)?WriteError: )?(.+?) writing (.+?)\s*$", line)
+    number = next((n for n in WRITE_ERRNOS if found and os.strerror(n).lower() == found[1].lower()), None)
+    return None if number is None else WriteError(number, os.strerror(number), found[2])
 
 
 @dataclass(frozen=True, order=True)

@@ -73,13 +73,17 @@ def mark_stopped(store: ResultsStore, trial_id: str, reason: str, detail: str | 
 
 def is_final(row: dict | None, config) -> bool:
     """True when a trial's row says it needs no more work for its (resolved) TrainConfig: completed its epochs or
-    wall-clock budget, failed, or stopped early by the scheduler."""
+    wall-clock budget, failed, or stopped early by the scheduler. A trial that failed because its results could
+    not be written (a full disk, a read-only folder) is not final: a rerun resumes it, as on the local backend."""
+    from galaxygen.results import write_error_in
     from galaxygen.train import trained_enough
 
     status = (row or {}).get("status")
     if status == "completed":
         return trained_enough(row, config)
-    return status == "failed" or (status == "stopped" and row.get("stop_reason") == EARLY)
+    if status == "failed":
+        return write_error_in(row.get("error") or "") is None
+    return status == "stopped" and row.get("stop_reason") == EARLY
 
 
 class TrialJob(submitit.helpers.Checkpointable):

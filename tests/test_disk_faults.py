@@ -241,15 +241,25 @@ def test_a_write_error_is_read_back_from_a_remote_traceback():
     assert isinstance(found, WriteError) and found.errno == errno.EROFS
     assert str(found) == "read-only file system writing /r/s/runs/t 1/last.pt"
     assert write_error_in("Traceback (most recent call last):\nValueError: no space left") is None
+    # a trial's recorded one-line error reads back too: a SLURM rerun resumes such a trial instead of replaying it
+    assert write_error_in(str(found)).filename == "/r/s/runs/t 1/last.pt"
+    assert write_error_in("no space left on device writing /r/x").errno == errno.ENOSPC
+    assert write_error_in("TrainingDiverged: loss is nan writing nothing") is None
+    from sweeps.slurm_job import is_final
+
+    config = object()  # is_final reads it only for completed rows
+    assert not is_final({"status": "failed", "error": "no space left on device writing /r/x"}, config)
+    assert is_final({"status": "failed", "error": text.replace("WriteError", "ValueError")}, config)
 
 @pytest.mark.slurm
 @pytest.mark.usefixtures("cluster")
 def test_a_slurm_trial_on_a_full_disk_fails_with_one_line_naming_the_file(small_disk, blob_cache):
     """A SLURM trial job whose results disk fills up mid-training (1 MB left: its checkpoint no longer fits):
-    the driver, the trial's row and sweeps.status give one line naming the file, as on the local backend."""
+    the driver, the trial's row and sweeps.status give one line naming the file, as on the local backend, and
+    once there is room the same command resumes the trial (not replayed as failed) and completes it."""
     sweep_dir = small_disk / "dslurm"
     cmd = [sys.executable, "-m", "sweeps.launch", "dslurm", "--backend", "slurm", "--data", str(blob_cache),
-           "--epochs", "30", "--grid", "dropout=0.1", "--set", "batch_size=16", "--set", "log_every=4",
+           "--epochs", "3", "--grid", "dropout=0.1", "--set", "batch_size=16", "--set", "log_every=4",
            "--eval-n", "0", "--no-figures", "--results", str(small_disk), "--slurm-poll-s", "0.5",
            "--slurm-squeue-s", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -277,3 +287,7 @@ def test_a_slurm_trial_on_a_full_disk_fails_with_one_line_naming_the_file(small_
                            text=True, timeout=120)
     line = next(line for line in shown.stdout.splitlines() if line.startswith(row["trial_id"]))
     assert shown.returncode == 0 and " failed " in line and line.endswith(row["error"]), shown.stdout
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    store = ResultsStore.from_dir(sweep_dir)
+    assert store.read_trial(row["trial_id"])["status"] == "completed" and store.epochs(row["trial_id"]) == [1, 2, 3]
