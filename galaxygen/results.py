@@ -320,7 +320,8 @@ class ResultsStore:
         return [self.job_record(name) for name in folders if self.job_record(name).is_file()]
 
     def squeue_path(self) -> Path:
-        """slurm_logs/squeue.json: the latest squeue snapshot of the sweep's jobs, shared by all its pollers."""
+        """slurm_logs/squeue.json: the latest squeue snapshot of the sweep's jobs, shared by all its pollers
+        and read by sweeps.status."""
         return self.slurm_root() / "squeue.json"
 
     def lock_path(self) -> Path:

@@ -14,7 +14,7 @@ Files under RESULTS/SWEEP/:
     slurm_logs/<trial_id>/heartbeat touched by the poller; a job whose heartbeat stops cancels itself
     slurm_logs/<trial_id>/cancel-<jobid>  asks that job to record the trial as stopped (and why) and exit
     slurm_logs/<trial_id>/<time>/   submitit's folder: sbatch script, pickles, <jobid>_<task>_log.{out,err}
-    slurm_logs/squeue.json          the sweep's latest squeue snapshot, shared by all its pollers
+    slurm_logs/squeue.json          the sweep's latest squeue snapshot, shared by its pollers and sweeps.status
 
 The driver's life cycle:
   * Tune stops a trial (ASHA, a stop criterion): `SlurmTrial.cleanup` cancels its job; the trial is recorded
