@@ -127,15 +127,15 @@ def test_slurm_reason_of_a_pending_job_and_a_job_gone_from_squeue(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.usefixtures("cluster")
 def test_watch_beside_a_live_driver_calls_no_squeue(tmp_path, blob_cache):
-    """A real one-trial SLURM sweep whose job waits 8 s to start (--begin): status --watch, refreshing every
+    """A real one-trial SLURM sweep whose job waits 10 s to start (--begin): status --watch, refreshing every
     0.5 s beside it, shows the job pending with SLURM's reason, then running, then completed, all from the
     driver's shared snapshot, without a squeue call of its own."""
     results = tmp_path / "results"
     driver = subprocess.Popen(
         [sys.executable, "-m", "sweeps.launch", "dropout", "--backend", "slurm", "--data", str(blob_cache),
          "--epochs", "2", "--grid", "dropout=0.1", "--set", "model=mlp1", "--set", "batch_size=32", "--eval-n", "0",
-         "--no-figures", "--results", str(results), "--slurm-poll-s", "0.5", "--slurm-squeue-s", "2",
-         "--sbatch=--begin=now+8"], env=counting_shims(tmp_path / "driver-bin", "squeue"),
+         "--no-figures", "--results", str(results), "--slurm-poll-s", "0.5", "--slurm-squeue-s", "4",
+         "--sbatch=--begin=now+10"], env=counting_shims(tmp_path / "driver-bin", "squeue"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     store = ResultsStore(results, "dropout")
     try:
