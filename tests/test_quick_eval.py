@@ -1,12 +1,14 @@
-"""Early stopping on science (the per-epoch fid_domain estimate) and equal wall-clock training budgets."""
+"""Early stopping on science (the per-epoch fid_domain estimate) and equal training budgets (BudgetClock)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from galaxygen.config import TrainConfig
 from galaxygen.evaluate.quick import QuickEstimate
@@ -14,7 +16,7 @@ from galaxygen.models import build_model
 from galaxygen.models.latent_prior import LatentPrior
 from galaxygen.models.vae import posterior_means
 from galaxygen.results import ResultsStore
-from galaxygen.train import run
+from galaxygen.train import BudgetClock, run
 from tests.conftest import run_launcher
 
 
@@ -48,7 +50,20 @@ def test_quick_eval_logs_fid_domain_each_epoch_without_changing_training(tmp_pat
     assert TrainConfig(quick_eval_n=16).signature() != TrainConfig().signature()  # it changes what a trial records
 
 
-def test_a_wall_clock_budget_ends_the_run_after_the_epoch_that_reaches_it(tmp_path, blob_cache):
+def test_the_budget_clock_counts_compute_not_waiting_on_a_cpu_and_the_wall_on_a_gpu():
+    clock = BudgetClock(torch.device("cpu"))
+    assert clock.name == "cpu" and BudgetClock(torch.device("cuda", 0)).name == "wall"
+    before = clock()
+    time.sleep(0.3)  # waiting (for a core, for I/O) is not training
+    waited = clock() - before
+    before, start = clock(), time.process_time()
+    while time.process_time() - start < 0.3:  # computing is, however long the wall clock takes on a busy machine
+        pass
+    computed = clock() - before
+    assert waited < 0.05 and computed == pytest.approx(0.3 / torch.get_num_threads(), rel=0.2)
+
+
+def test_a_training_budget_ends_the_run_after_the_epoch_that_reaches_it(tmp_path, blob_cache):
     config = tiny(blob_cache, epochs=3, budget_min=1e-4)  # 6 ms: the first epoch crosses it
     assert config.signature() == tiny(blob_cache).signature()  # like epochs, a budget extends the same trial
     summary = run(config, tmp_path, "t", "budget")
