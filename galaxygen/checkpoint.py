@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import functools
 import io
+import logging
 import os
 import pickle
 import random
@@ -14,8 +16,10 @@ import numpy as np
 import torch
 
 from galaxygen.config import TrainConfig
-from galaxygen.models import build_model
+from galaxygen.models import MODELS, build_model
 from galaxygen.results import CHECKPOINTS, ResultsStore, atomic_path
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -75,7 +79,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
-    """The trained model (in eval mode) and its config from a checkpoint file."""
+    """The trained model (in eval mode) and its config from a checkpoint file, ready to sample from each latent of
+    its family: a checkpoint saved without what those need beside the weights (a VAE's latent prior: a last
+    checkpoint, or the best of a run killed before its end) gets it fitted from the run's data, as training
+    would have (CheckpointError when that data cannot be opened: never a model that would sample another latent)."""
     state = load(path, map_location)
     try:
         config = TrainConfig.from_dict(state["config"]).resolved()
@@ -85,7 +92,24 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} does not hold a model of this galaxygen version ({first})") from None
     model.eval()
-    return model.to(map_location), config
+    model = model.to(map_location)
+    MODELS[config.model].family.fit_sampling(model, functools.partial(training_data, config, Path(path)))
+    return model, config
+
+
+def training_data(config: TrainConfig, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The images and train rows of the run that wrote the checkpoint at `path` (`Family.fit_sampling` fits to
+    them); raises CheckpointError naming the data when it cannot be opened."""
+    # open_data owns what a run's train rows are; imported here because galaxygen.train imports this module
+    from galaxygen.data import CacheError
+    from galaxygen.train import open_data
+
+    try:
+        data = open_data(config)
+    except (ValueError, CacheError, OSError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path} needs its run's data {config.data} to fit its latent prior: {err}") from None
+    log.info("%s was saved without its latent prior: fitted it to %s", path, config.data)
+    return data.cache.images, data.train
 
 
 def repair(store: ResultsStore) -> list[str]:

@@ -52,16 +52,13 @@ def sample_grid(model: torch.nn.Module, n: int, cols: int, latent: str, seed: in
     return make_grid(generate(model, n, latent, seed), nrow=cols, padding=2, pad_value=1.0)
 
 
-def check_latent(model: torch.nn.Module, model_name: str, latent: str | None) -> str:
+def check_latent(model_name: str, latent: str | None) -> str:
     """The latent to sample from: the one asked for, or the model family's default; one clear error otherwise."""
     latents = MODELS[model_name].family.latents
     if latent is None:
         latent = latents[0]
     if latent not in latents:
         raise SampleError(f"--latent {latent}: {model_name} samples from {' or '.join(latents)}")
-    if latent == "fitted" and model.latent_prior is None:
-        raise SampleError("this checkpoint has no fitted latent prior (written by an older galaxygen): "
-                          "use --latent prior")
     return latent
 
 
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             grid = reconstruction_grid(model, held_out_inputs(data, args.split, args.n, config.image_size), cols)
         else:
             cols = args.cols or math.ceil(math.sqrt(args.n))
-            latent = check_latent(model, config.model, args.latent)
+            latent = check_latent(config.model, args.latent)
             grid = sample_grid(model, args.n, cols, latent, args.seed)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -185,8 +185,8 @@ class Trainer:
             rows += self.validate()
             self.epoch += 1
             if main:
-                self.objective.before_checkpoint(self.cache.images, self.train_idx)  # e.g. the fitted latent prior
                 if self.quick is not None:  # the cheap sample-quality estimate, on the model this epoch checkpoints
+                    self.family.fit_sampling(self.model, self.training_data)  # e.g. a VAE's latent prior
                     value = self.quick(self.model, self.config, self.config.seed)
                     rows.append({**self.row("val", quick.METRIC, value), "epoch": self.epoch})
                 self.train_seconds += self.clock() - started
@@ -208,6 +208,7 @@ class Trainer:
                 if report is not None:
                     report(summary)
         if main:
+            self.finish_best()
             if self.config.eval_n and evaluate:
                 self.evaluate()
             trained = bool(summary)
@@ -235,14 +236,26 @@ class Trainer:
         spent = torch.tensor(float(self.env.is_main and finished_budget(self.config, self.train_seconds)), device=self.device)
         return bool(distributed.all_sum(spent).item())
 
+    def training_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The run's images and train rows (`Family.fit_sampling` fits to them)."""
+        return self.cache.images, self.train_idx
+
+    def finish_best(self) -> None:
+        """Load the best checkpoint into the model and complete it with what sampling needs beside the weights (a
+        VAE's latent prior): fitted once here, for the checkpoint that is sampled, not every epoch; after a
+        resume too, when the job that saved it was killed before this."""
+        path = self.store.checkpoint(self.trial_id, "best")
+        state = checkpoint.load(path, self.device)
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        if self.family.fit_sampling(self.model, self.training_data):
+            checkpoint.save(path, **{**state, "model": self.model.state_dict()})
+
     def evaluate(self) -> None:
-        """Sample-quality metrics of the best checkpoint, from each latent of its family, beside the dataset's
-        baselines (split "eval")."""
+        """Sample-quality metrics of the best checkpoint (loaded by `finish_best`), from each latent of its family,
+        beside the dataset's baselines (split "eval")."""
         from galaxygen.evaluate import baseline_metrics, evaluate_model, metric_rows
 
-        best = checkpoint.load(self.store.checkpoint(self.trial_id, "best"), self.device)
-        self.model.load_state_dict(best["model"])
-        self.model.eval()
         try:
             n = self.config.eval_n
             metrics = evaluate_model(self.model, self.config, self.cache, n=n, workers=1, seed=self.config.seed,

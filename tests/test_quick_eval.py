@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from galaxygen import checkpoint
 from galaxygen.config import TrainConfig
 from galaxygen.evaluate.quick import QuickEstimate
 from galaxygen.models import build_model
@@ -47,6 +48,11 @@ def test_quick_eval_logs_fid_domain_each_epoch_without_changing_training(tmp_pat
     metrics = ResultsStore(tmp_path, "t").metrics("scored")
     quick = metrics[(metrics.split == "val") & (metrics.metric == "fid_domain_quick")]
     assert sorted(quick.epoch) == [1, 2] and np.isfinite(quick.value).all()
+    # the estimate samples the fitted prior: fitted at each epoch, so the checkpoints carry it; without it, only
+    # the best checkpoint does (fitted at the end)
+    store = ResultsStore(tmp_path, "t")
+    assert "latent_prior" in checkpoint.load(store.checkpoint("scored", "last"))["model"]["_extra_state"]
+    assert "latent_prior" not in checkpoint.load(store.checkpoint("plain", "last"))["model"]["_extra_state"]
     assert TrainConfig(quick_eval_n=16).signature() != TrainConfig().signature()  # it changes what a trial records
 
 

@@ -16,8 +16,10 @@ import torch
 
 from galaxygen import checkpoint, distributed
 from galaxygen.config import ConfigError, TrainConfig
+from galaxygen.models.latent_prior import LatentPrior, fit_rows
+from galaxygen.models.vae import posterior_means
 from galaxygen.results import ResultsStore
-from galaxygen.train import TIMINGS, Trainer, TrainingDiverged, run
+from galaxygen.train import TIMINGS, Trainer, TrainingDiverged, open_data, run
 
 
 def tiny(blob_cache, **kw) -> TrainConfig:
@@ -57,8 +59,13 @@ def test_config_resolves_model_defaults_and_signature_is_stable():
         TrainConfig(data_fraction=0)
 
 
-def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
+def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache, monkeypatch):
+    fits = []  # sizes of the latent-prior fits the run makes
+    fit = LatentPrior.fit.__func__
+    monkeypatch.setattr(LatentPrior, "fit", classmethod(lambda cls, z, *a, **kw: fits.append(len(z)) or fit(cls, z, *a, **kw)))
     summary = run(tiny(blob_cache), tmp_path, "t", "trial")
+    # the prior is fitted where it is sampled: once, for the best checkpoint, not at every epoch's checkpoint
+    assert len(fits) == 1
     store = ResultsStore(tmp_path, "t")
     row = store.read_trial("trial")
     assert row["status"] == "completed" and row["epochs_done"] == 2 and row["model"] == "cnn"
@@ -81,10 +88,7 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
     # carries the latent prior fitted to its own weights (refitting gives the same mixture: deterministic)
     nelbo = epochs.query("split == 'val' and metric == 'nelbo'").set_index("epoch")["value"]
     assert checkpoint.load(run_dir / "checkpoints" / "best.pt")["epoch"] == nelbo.idxmin() == row["best_epoch"]
-    from galaxygen.models.latent_prior import LatentPrior, fit_rows
-    from galaxygen.models.vae import posterior_means
-    from galaxygen.train import open_data
-
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]["_extra_state"] == {}  # no one samples it
     data = open_data(config)
     refit = LatentPrior.fit(posterior_means(model, data.cache.images[fit_rows(data.train)]))
     for stored, again in zip(model.latent_prior.state().values(), refit.state().values()):
@@ -113,6 +117,28 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache):
     before = os.path.getmtime(run_dir / "checkpoints" / "last.pt")
     assert run(tiny(blob_cache), tmp_path, "t", "trial") == pytest.approx(summary)
     assert os.path.getmtime(run_dir / "checkpoints" / "last.pt") == before
+
+
+def test_a_best_checkpoint_saved_without_its_latent_prior_gets_it_where_it_is_sampled(tmp_path, blob_cache):
+    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x")
+    store = ResultsStore(tmp_path, "t")
+    best = store.checkpoint("x", "best")
+    complete = checkpoint.load(best)
+    prior = complete["model"]["_extra_state"]["latent_prior"]
+    # a job killed between saving its best checkpoint and completing it leaves a best without the latent prior
+    bare = {**complete, "model": {**complete["model"], "_extra_state": {}}}
+    checkpoint.save(best, **bare)
+    model, _ = checkpoint.load_model(best)  # loading it to sample fits the prior from the run's data: the same one
+    torch.testing.assert_close(model.latent_prior.state(), prior)
+    assert checkpoint.load(best)["model"]["_extra_state"] == {}  # loading never writes
+    store.write_trial("x", status="running")  # the killed job's row
+    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x")  # the resume trains nothing and completes the best checkpoint
+    torch.testing.assert_close(checkpoint.load(best)["model"]["_extra_state"]["latent_prior"], prior)
+    # without the run's data, such a checkpoint is refused in one line, never sampled from N(0, I) instead
+    gone = tmp_path / "bare.pt"
+    checkpoint.save(gone, **{**bare, "config": {**bare["config"], "data": str(tmp_path / "moved")}})
+    with pytest.raises(checkpoint.CheckpointError, match="needs its run's data .*moved to fit its latent prior"):
+        checkpoint.load_model(gone)
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, blob_cache):

@@ -165,9 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.latent and args.latent not in latents:
             raise ValueError(f"--latent {args.latent}: a {config.model} samples from {', '.join(latents)}")
         latents = (args.latent,) if args.latent else latents
-        if "fitted" in latents and getattr(model, "latent_prior", None) is None:
-            raise ValueError(f"{checkpoint} has no fitted latent prior (written by an older galaxygen): "
-                             "pass --latent prior")
     except (CacheError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -204,9 +203,6 @@ class GANObjective:
     def score(self, summary: dict) -> float:
         """Lower is better: minus the epoch, so the latest checkpoint is the best."""
         return -float(summary["epoch"])
-
-    def before_checkpoint(self, images: np.ndarray, train_rows: np.ndarray) -> None:
-        """Nothing beside the weights: a GAN samples from its fixed input distribution."""
 
 
 FAMILY = Family("gan", GANObjective, ("prior",))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,9 +188,6 @@ class DiffusionObjective:
     def score(self, summary: dict) -> float:
         """Lower is better: the held-out denoising loss of the EMA weights."""
         return summary["val_loss"]
-
-    def before_checkpoint(self, images: np.ndarray, train_rows: np.ndarray) -> None:
-        """Nothing beside the weights: the EMA copy is part of the model's state."""
 
 
 FAMILY = Family("diffusion", DiffusionObjective, ("prior",))

@@ -5,9 +5,10 @@ Every model takes images (B, 3, S, S) in [0, 1] and is built from image_size, la
 depth and dropout (depth is each model's own notion: hidden layers of an MLP, residual blocks per
 stage of `resvae`; the report's fixed designs and the DCGAN keep theirs). Each registered model
 belongs to a `Family`, declared once in the family's own module (`vae`, `dcgan`): its kind, the
-objective that trains it and picks its best checkpoint, and the latent distributions it samples
-from. Every model has `latent_dim` and `sample(n, generator, latent)`; `generate` is the one seeded
-way to draw images from any of them.
+objective that trains it and picks its best checkpoint, the latent distributions it samples
+from, and what those need fitted beside the weights (a VAE's latent prior). Every model has
+`latent_dim` and `sample(n, generator, latent)`; `generate` is the one seeded way to draw images
+from any of them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
+
+TrainingData = Callable[[], tuple[np.ndarray, np.ndarray]]
+"""A zero-argument function giving a run's uint8 images (N, S, S, 3) and the rows of its train split."""
+
+
+def nothing_to_fit(model: nn.Module, data: TrainingData) -> bool:
+    """The `Family.fit_sampling` of families whose latents need nothing beside the weights."""
+    return False
 
 
 @dataclass(frozen=True)
@@ -26,11 +36,16 @@ class Family:
     objective: built as objective(model, config, env, device); it runs the train and held-out steps and
         scores an epoch's summary (`score`, lower is better), which picks the best checkpoint.
     latents: the latent distributions its models sample from, the default first.
+    fit_sampling: fit_sampling(model, data) fits to the model's current weights what its latents need beside
+        them (a VAE's latent prior) when the model lacks it, calling `data()` only then; True when it fitted
+        something (the model's state changed). Used where a model is sampled: training fits it for the
+        checkpoints that are sampled, and `checkpoint.load_model` for a checkpoint saved without it.
     """
 
     kind: str
     objective: type
     latents: tuple[str, ...]
+    fit_sampling: Callable[[nn.Module, TrainingData], bool] = nothing_to_fit
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from galaxygen.data.loader import to_float
 from galaxygen.losses import elbo_loss, warmup_factor
 from galaxygen.models.latent_prior import LatentPrior, fit_rows
-from galaxygen.models.registry import Family, autocast_args
+from galaxygen.models.registry import Family, TrainingData, autocast_args
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,8 @@ class VAE(nn.Module):
     """Base class: subclasses define `encoder_features`, `to_mu`, `to_logvar` and `decode_logits`.
 
     `latent_prior` (a LatentPrior fitted to the aggregate posterior, or None) is part of the model's state
-    (its extra state), so it is checkpointed and loaded with the weights it was fitted to.
+    (its extra state), so it is checkpointed and loaded with the weights it was fitted to. Training drops it
+    at every step (the weights move) and fits it where it is sampled (`fit_latent_prior`).
     """
 
     latent_dim: int
@@ -49,8 +50,8 @@ class VAE(nn.Module):
             z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         elif latent == "fitted":
             if self.latent_prior is None:
-                raise ValueError("this VAE has no fitted latent prior (training fits one into every checkpoint); "
-                                 "sample with latent 'prior' instead")
+                raise ValueError("this VAE has no fitted latent prior (checkpoint.load_model fits one from the run's "
+                                 "data, fit_latent_prior from any): sample with latent 'prior' instead")
             z = self.latent_prior.sample(n, generator, device)
         else:
             raise ValueError(f"latent must be one of {', '.join(FAMILY.latents)}, got {latent!r}")
@@ -85,11 +86,20 @@ def posterior_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np
     return np.concatenate(out)
 
 
+def fit_latent_prior(model: VAE, data: TrainingData) -> bool:
+    """The family's `fit_sampling`: when `model` has no latent prior, fit one to the posterior means of (a fixed
+    sample of) the training galaxies `data()` gives; deterministic, a few seconds on a CPU."""
+    if model.latent_prior is not None:
+        return False
+    images, train_rows = data()
+    model.latent_prior = LatentPrior.fit(posterior_means(model, images[fit_rows(train_rows)]))
+    return True
+
+
 class VAEObjective:
     """One optimisation step and one held-out evaluation of a VAE under the ELBO.
 
-    The best checkpoint has the lowest held-out negative ELBO (alpha = 1, so comparable across KL weights),
-    and every checkpoint carries a latent prior fitted to the posterior means of its training galaxies.
+    The best checkpoint has the lowest held-out negative ELBO (alpha = 1, so comparable across KL weights).
     """
 
     def __init__(self, model, config, env, device: torch.device):
@@ -106,6 +116,7 @@ class VAEObjective:
                          free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
 
     def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        self.model.latent_prior = None  # fitted to the weights this step moves: stale from here on
         alpha = self.config.alpha * warmup_factor(progress, self.config.kl_warmup_epochs)
         parts = self.loss(x, alpha)
         opt = self.optimizers[0]
@@ -129,9 +140,5 @@ class VAEObjective:
         """Lower is better: the held-out negative ELBO in nats/image."""
         return summary["val_nelbo"]
 
-    def before_checkpoint(self, images: np.ndarray, train_rows: np.ndarray) -> None:
-        """Fit the latent prior to the posterior means of (a fixed sample of) the training galaxies."""
-        self.model.latent_prior = LatentPrior.fit(posterior_means(self.model, images[fit_rows(train_rows)]))
 
-
-FAMILY = Family("vae", VAEObjective, ("fitted", "prior"))
+FAMILY = Family("vae", VAEObjective, ("fitted", "prior"), fit_latent_prior)
