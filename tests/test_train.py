@@ -50,6 +50,17 @@ def test_bad_config_fails_before_any_work(tmp_path, blob_cache, bad, key):
     assert not out.exists(), "nothing may be written for a bad config"
 
 
+def test_a_training_job_imports_no_package_it_does_not_train_with():
+    """Start-up is part of every job: rendering (GalSim, astropy, scipy), the latent prior (scikit-learn, imported when
+    it is fitted), evaluation (statmorph, photutils) and the diffusion model's library stay unimported."""
+    code = ("import sys; from galaxygen.train import run; from galaxygen.data import default_cache; "
+            "default_cache(create=False); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'galsim', 'astropy', 'scipy', 'sklearn', "
+            "'statmorph', 'photutils', 'diffusers', 'matplotlib'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_config_resolves_model_defaults_and_signature_is_stable():
     a = TrainConfig(model="mlp2").resolved()
     assert (a.latent_dim, a.width, a.dropout) == (10, 40, 0.2)

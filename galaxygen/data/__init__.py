@@ -24,8 +24,6 @@ def default_cache(n: int = DEFAULT_SYNTH_N, seed: int = 0, size: int = 64, worke
 
     With create=False only the path is returned, whether or not it has been rendered yet.
     """
-    from galaxygen.data.synth import synthesize
-
     root = home() / "data"
     out = root / f"synth-v{SYNTH_VERSION}-n{n}-s{seed}-{size}px"
     if Cache.exists(out) or not create:
@@ -34,6 +32,8 @@ def default_cache(n: int = DEFAULT_SYNTH_N, seed: int = 0, size: int = 64, worke
     with open(root / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not Cache.exists(out):
+            from galaxygen.data.synth import synthesize  # GalSim and astropy: 1 s to import, only to render
+
             log.info("rendering %d synthetic galaxies into %s (once)", n, out)
             synthesize(out, n=n, seed=seed, layout="cache", size=size, workers=workers)
     return out

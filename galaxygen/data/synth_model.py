@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import gamma, gammainc, gammaincinv
 
 from galaxygen.splits import DEFAULT_FRACTIONS, split_of
 
@@ -127,6 +126,9 @@ def quantise_n(n: float) -> float:
 
 def profile_curves(parts: list[tuple[float, float, float]], r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Enclosed light and surface brightness at radii r of concentric (fraction, n, hlr) Sersic parts."""
+    # imported here: training imports this module (GENERATOR_VERSION) but never renders
+    from scipy.special import gamma, gammainc, gammaincinv
+
     light = np.zeros_like(r)
     sb = np.zeros_like(r)
     for frac, n, hlr in parts:
