@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
-RECON_LOSSES = ("bce", "l1", "mse")
+RECON_LOSSES = ("bce", "l1", "mse", "gaussian")  # see galaxygen.losses
 NOT_IDENTITY = ("epochs", "budget_min")  # keys that extend a trial instead of making another one (see signature)
 MAX_SEED = 2**32 - 1
 MAX_PARAMETERS = 10**9  # 16 GB of fp32 weights, gradients and Adam moments: far beyond any 64 px model here

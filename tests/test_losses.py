@@ -1,5 +1,6 @@
-"""The objective's options against direct formulas: reconstruction losses, alpha, free bits, total
-variation, KL warm-up, bits per dim, and gradient clipping in a training step."""
+"""The objective's options against direct formulas: reconstruction losses (the gaussian likelihood against
+torch.distributions and its closed-form optimal variance), alpha, free bits, total variation, KL warm-up, bits
+per dim, and gradient clipping in a training step."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch
 
 from galaxygen import distributed
 from galaxygen.config import TrainConfig
-from galaxygen.losses import elbo_loss, kl_per_dim, warmup_factor
+from galaxygen.losses import (
+    VARIANCE_FLOOR,
+    elbo_loss,
+    kl_per_dim,
+    optimal_variance,
+    reconstruction,
+    warmup_factor,
+)
 from galaxygen.models import build_model
 from galaxygen.models.vae import VAEObjective
 
@@ -39,6 +47,77 @@ def test_reconstruction_losses_sum_over_pixels_and_average_over_images(batch, ki
     torch.testing.assert_close(parts.recon, per_pixel.sum((1, 2, 3)).mean(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(parts.kl, kl_sum(mu, logvar))
     torch.testing.assert_close(parts.loss, parts.recon + parts.kl)
+
+
+def test_gaussian_reconstruction_is_the_normal_negative_log_density_summed_over_pixels(batch):
+    output, x, mu, logvar = batch  # under the gaussian likelihood the output is the mean itself
+    variance = torch.tensor([0.01, 0.04, 0.09])
+    normal = torch.distributions.Normal(output, variance.sqrt().view(1, 3, 1, 1))
+    expected = -normal.log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(reconstruction(output, x, "gaussian", variance), expected)
+    parts = elbo_loss(output, x, mu, logvar, recon_loss="gaussian", variance=variance)
+    torch.testing.assert_close(parts.recon, expected.mean())
+    torch.testing.assert_close(parts.nelbo, expected.mean() + kl_sum(mu, logvar))
+
+
+def test_optimal_variance_is_the_closed_form_maximum_likelihood_per_channel(batch):
+    output, x, _, _ = batch
+    b, c, h, w = x.shape
+    variance = optimal_variance(output, x)
+    torch.testing.assert_close(variance, torch.stack([((x[:, i] - output[:, i]) ** 2).mean() for i in range(c)]))
+    # at the optimum the batch's mean negative log-density is sum_c (h w / 2) (1 + log(2 pi sigma_c^2)) ...
+    closed = (h * w / 2 * (1 + torch.log(2 * math.pi * variance))).sum()
+    batch_nll = reconstruction(output, x, "gaussian").mean()  # no variance: the batch's own optimum
+    torch.testing.assert_close(batch_nll, closed)
+    # ... and any other variance of a channel gives a larger one
+    for i in range(c):
+        for factor in (0.8, 1.25):
+            other = variance.clone()
+            other[i] *= factor
+            assert reconstruction(output, x, "gaussian", other).mean() > batch_nll
+    # the mean's gradient with the optimal variance detached equals that of the closed form with it in the graph
+    mean = output.clone().requires_grad_(True)
+    reconstruction(mean, x, "gaussian").mean().backward()
+    attached = output.clone().requires_grad_(True)
+    mse = (x - attached).pow(2).mean((0, 2, 3))
+    (h * w / 2 * (1 + torch.log(2 * math.pi * mse))).sum().backward()
+    torch.testing.assert_close(mean.grad, attached.grad)
+    # a perfect reconstruction is known to the 8-bit rounding error, not infinitely well
+    assert torch.equal(optimal_variance(x, x), torch.full((c,), VARIANCE_FLOOR))
+
+
+def test_gaussian_vae_decodes_linearly_tracks_its_variance_and_scores_held_out_data_with_it():
+    torch.manual_seed(0)
+    config = TrainConfig(model="mlp1", image_size=8, recon_loss="gaussian").resolved()
+    model = build_model(config)
+    assert model.likelihood == "gaussian" and build_model(config.replace(recon_loss="bce")).likelihood == "bce"
+    z = torch.randn(64, model.latent_dim)
+    out = model.decode_logits(z)
+    torch.testing.assert_close(model.decode(z), out.clamp(0, 1))  # the mean itself, not a sigmoid
+    objective = VAEObjective(model, config, distributed.read_env(), torch.device("cpu"))
+    x = torch.rand(4, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="variance is estimated in training"):
+        objective.eval_step(x)
+    first = objective.train_step(x, progress=1.0)
+    variance = model.recon_variance.clone()
+    assert variance.shape == (3,) and (variance > 0).all()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        output, _, _ = model(x)  # the second step's forward pass (same weights, same z draw) ...
+    second_optimum = optimal_variance(output, x)
+    torch.manual_seed(1)
+    objective.train_step(x, progress=1.0)  # ... whose optimum is folded into the running variance
+    torch.testing.assert_close(model.recon_variance, variance.lerp(second_optimum, 0.1), rtol=1e-5, atol=1e-7)
+    model.eval()
+    held_out = objective.eval_step(x)
+    mu, logvar = model.encode(x)
+    assert torch.isfinite(first["nelbo"]) and torch.isfinite(held_out["nelbo"])
+    assert held_out["kl"] == pytest.approx(float(kl_sum(mu, logvar)), rel=1e-5)
+    # the running variance is part of the model's state: a reloaded model scores the same
+    clone = build_model(config)
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone.recon_variance, model.recon_variance)
+    assert clone.likelihood == "gaussian"
 
 
 def test_alpha_weighs_only_the_kl_in_the_loss_and_the_nelbo_stays_the_elbo(batch):

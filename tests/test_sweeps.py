@@ -23,7 +23,7 @@ EXPECTED = {
     "batch_size": ("batch_size", [8, 16, 32, 64]),
     "latent_dim": ("latent_dim", [2, 4, 8, 12, 16, 32]),
     "alpha": ("alpha", [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]),
-    "recon_loss": ("recon_loss", ["bce", "l1", "mse"]),
+    "recon_loss": ("recon_loss", ["bce", "l1", "mse", "gaussian"]),
     "data_reduction": ("data_fraction", [1.0, 0.5, 0.25, 0.1]),
     "architecture": ("model", sorted(MODELS)),
 }

@@ -189,22 +189,26 @@ def test_resume_continues_only_the_same_config(tmp_path, blob_cache):
     assert sorted(set(metrics.epoch)) == [1, 2] and not metrics.duplicated(["epoch", "step", "split", "metric"]).any()
 
 
-def test_more_epochs_continue_a_finished_run_to_the_metrics_of_an_uninterrupted_one(tmp_path, blob_cache):
+@pytest.mark.parametrize("likelihood", ["bce", "gaussian"])  # gaussian: its running variance is resumed too
+def test_more_epochs_continue_a_finished_run_to_the_metrics_of_an_uninterrupted_one(tmp_path, blob_cache, likelihood):
+    def config(**kw) -> TrainConfig:
+        return tiny(blob_cache, recon_loss=likelihood, **kw)
+
     # epochs are not part of a trial's identity; what changes past training (evaluation) is
-    assert tiny(blob_cache, epochs=1).signature() == tiny(blob_cache, epochs=3).signature()
+    assert config(epochs=1).signature() == config(epochs=3).signature()
     assert tiny(blob_cache, eval_n=8).signature() != tiny(blob_cache).signature()
     torch.set_num_threads(1)
-    run(tiny(blob_cache, epochs=3), tmp_path / "a", "t")
-    run(tiny(blob_cache, epochs=1), tmp_path / "b", "t")
-    trial_id = tiny(blob_cache).resolved().signature()
+    run(config(epochs=3), tmp_path / "a", "t")
+    run(config(epochs=1), tmp_path / "b", "t")
+    trial_id = config().resolved().signature()
     store = ResultsStore(tmp_path / "b", "t")
     first = store.read_epoch(trial_id, 1)
-    assert run(tiny(blob_cache, epochs=3), tmp_path / "b", "t")["epoch"] == 3
+    assert run(config(epochs=3), tmp_path / "b", "t")["epoch"] == 3
     row = store.read_trial(trial_id)
     assert row["status"] == "completed" and row["epochs_done"] == 3 and row["epochs"] == 3
     assert store.read_epoch(trial_id, 1).equals(first), "epoch 1 must not be trained again (same rows, same times)"
     # fewer epochs than a trial has: nothing to do, the trial is complete
-    assert run(tiny(blob_cache, epochs=2), tmp_path / "b", "t")["epoch"] == 3
+    assert run(config(epochs=2), tmp_path / "b", "t")["epoch"] == 3
     order = ["epoch", "step", "split", "metric"]
     a = ResultsStore(tmp_path / "a", "t").metrics(trial_id).sort_values(order)
     b = store.metrics(trial_id).sort_values(order)

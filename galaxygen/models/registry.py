@@ -40,12 +40,15 @@ class Family:
         them (a VAE's latent prior) when the model lacks it, calling `data()` only then; True when it fitted
         something (the model's state changed). Used where a model is sampled: training fits it for the
         checkpoints that are sampled, and `checkpoint.load_model` for a checkpoint saved without it.
+    configure: called as configure(model, config) on every model built (`build_model`): what the family's
+        models take from the config beyond their sizes (a VAE: its likelihood); None for nothing.
     """
 
     kind: str
     objective: type
     latents: tuple[str, ...]
     fit_sampling: Callable[[nn.Module, TrainingData], bool] = nothing_to_fit
+    configure: Callable[[nn.Module, object], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,13 @@ def all_latents() -> tuple[str, ...]:
 
 
 def build_model(config) -> nn.Module:
-    """Build the model a (resolved) TrainConfig names from image_size and the keys it has defaults for."""
+    """Build the model a (resolved) TrainConfig names from image_size and the keys it has defaults for, configured
+    by its family (Family.configure)."""
     spec = MODELS[config.model]
-    return spec.build(image_size=config.image_size, **{k: getattr(config, k) for k in spec.defaults if k != "lr"})
+    model = spec.build(image_size=config.image_size, **{k: getattr(config, k) for k in spec.defaults if k != "lr"})
+    if spec.family.configure is not None:
+        spec.family.configure(model, config)
+    return model
 
 
 def memory_format(model: nn.Module) -> torch.memory_format:

@@ -1,5 +1,6 @@
 """The VAE family: the Gaussian reparameterisation, sampling from N(0, I) or a fitted latent prior, and the
-objective (the ELBO of galaxygen.losses; the best checkpoint has the lowest held-out negative ELBO)."""
+objective (the ELBO of galaxygen.losses under the config's reconstruction loss; the best checkpoint has the
+lowest held-out negative ELBO)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from galaxygen import distributed
 from galaxygen.data.loader import to_float
-from galaxygen.losses import elbo_loss, warmup_factor
+from galaxygen.losses import elbo_loss, mean_image, optimal_variance, warmup_factor
 from galaxygen.models.latent_prior import LatentPrior, fit_rows
 from galaxygen.models.registry import Family, TrainingData, autocast_args
+
+VARIANCE_MOMENTUM = 0.1  # weight of each training batch in the gaussian likelihood's running variance
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -20,15 +24,20 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 class VAE(nn.Module):
-    """Base class: subclasses define `encoder_features`, `to_mu`, `to_logvar` and `decode_logits`.
+    """Base class: subclasses define `encoder_features`, `to_mu`, `to_logvar` and `decode_logits` (the decoder's
+    raw output: logits, or the image itself under the gaussian likelihood; see galaxygen.losses.mean_image).
 
-    `latent_prior` (a LatentPrior fitted to the aggregate posterior, or None) is part of the model's state
-    (its extra state), so it is checkpointed and loaded with the weights it was fitted to. Training drops it
-    at every step (the weights move) and fits it where it is sampled (`fit_latent_prior`).
+    `likelihood` is the config's recon_loss (set by `build_model`). `latent_prior` (a LatentPrior fitted to the
+    aggregate posterior, or None) and `recon_variance` (the gaussian likelihood's per-channel variance, a running
+    mean of its training batches' optimum, or None) are part of the model's state (its extra state), so they
+    are checkpointed and loaded with the weights they belong to. Training drops the latent prior at every step
+    (the weights move) and fits it where it is sampled (`fit_latent_prior`).
     """
 
     latent_dim: int
+    likelihood: str = "bce"
     latent_prior: LatentPrior | None = None
+    recon_variance: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder_features(x)
@@ -40,7 +49,16 @@ class VAE(nn.Module):
         return self.decode_logits(z), mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decode_logits(z))
+        """Images in [0, 1]: the mean of p(x | z) (clamped, for a linear output)."""
+        return mean_image(self.decode_logits(z), self.likelihood).clamp(0, 1)
+
+    @torch.no_grad()
+    def track_variance(self, variance: torch.Tensor) -> None:
+        """Fold a training batch's optimal variance (3,) into `recon_variance` (its first value, then a running
+        mean with weight VARIANCE_MOMENTUM, as batch normalisation tracks its statistics)."""
+        variance = variance.detach().float()
+        previous = self.recon_variance
+        self.recon_variance = variance if previous is None else previous.lerp(variance, VARIANCE_MOMENTUM)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, latent: str = "prior") -> torch.Tensor:
@@ -63,10 +81,14 @@ class VAE(nn.Module):
         return self.decode(mu)
 
     def get_extra_state(self) -> dict:
-        return {"latent_prior": self.latent_prior.state()} if self.latent_prior is not None else {}
+        state = {"latent_prior": self.latent_prior.state()} if self.latent_prior is not None else {}
+        if self.recon_variance is not None:
+            state["recon_variance"] = self.recon_variance
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         self.latent_prior = LatentPrior.from_state(state["latent_prior"]) if state.get("latent_prior") else None
+        self.recon_variance = state.get("recon_variance")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if "_extra_state" not in state_dict:  # written before VAEs had a fitted prior
@@ -110,10 +132,16 @@ class VAEObjective:
         self.autocast = autocast_args(config, device)
 
     def loss(self, x: torch.Tensor, alpha: float):
+        """The training objective of a batch; the gaussian likelihood takes the optimal variance of the global
+        batch (the mean over ranks of each rank's optimum) and folds it into the model's running variance."""
         with torch.autocast(**self.autocast):
-            logits, mu, logvar = self.net(x)
-        return elbo_loss(logits, x, mu, logvar, recon_loss=self.config.recon_loss, alpha=alpha,
-                         free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
+            output, mu, logvar = self.net(x)
+        variance = None
+        if self.config.recon_loss == "gaussian":
+            variance = distributed.all_mean(optimal_variance(output.float(), x))
+            self.model.track_variance(variance)
+        return elbo_loss(output, x, mu, logvar, recon_loss=self.config.recon_loss, alpha=alpha,
+                         free_bits=self.config.free_bits, tv_weight=self.config.tv_weight, variance=variance)
 
     def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         self.model.latent_prior = None  # fitted to the weights this step moves: stale from here on
@@ -129,11 +157,18 @@ class VAEObjective:
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Held-out parts with z sampled from q(z|x) (the ELBO is an expectation over q), dropout off."""
+        """Held-out parts with z sampled from q(z|x) (the ELBO is an expectation over q), dropout off; the
+        gaussian likelihood with the model's running variance (learnt from training batches only), so the
+        held-out nelbo is the negative ELBO of one fixed model."""
+        variance = None
+        if self.config.recon_loss == "gaussian":
+            if self.model.recon_variance is None:
+                raise RuntimeError("the gaussian likelihood's variance is estimated in training: train a step first")
+            variance = self.model.recon_variance.to(x.device)
         mu, logvar = self.model.encode(x)
         parts = elbo_loss(self.model.decode_logits(reparameterize(mu, logvar)), x, mu, logvar,
                           recon_loss=self.config.recon_loss, alpha=self.config.alpha,
-                          free_bits=self.config.free_bits, tv_weight=self.config.tv_weight)
+                          free_bits=self.config.free_bits, tv_weight=self.config.tv_weight, variance=variance)
         return dict(vars(parts))
 
     def score(self, summary: dict) -> float:
@@ -141,4 +176,9 @@ class VAEObjective:
         return summary["val_nelbo"]
 
 
-FAMILY = Family("vae", VAEObjective, ("fitted", "prior"), fit_latent_prior)
+def use_likelihood(model: VAE, config) -> None:
+    """A VAE decodes under its config's reconstruction loss (Family.configure)."""
+    model.likelihood = config.recon_loss
+
+
+FAMILY = Family("vae", VAEObjective, ("fitted", "prior"), fit_latent_prior, use_likelihood)
