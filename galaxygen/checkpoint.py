@@ -45,12 +45,13 @@ def set_rng_state(state: dict) -> None:
     random.setstate(ast.literal_eval(state["python"]))
 
 
-def save(path: Path, **payload) -> None:
-    """Write a checkpoint atomically (temporary file + rename)."""
+def save(*paths: Path, **payload) -> None:
+    """Write a checkpoint to each of `paths`, each atomically (temporary file + rename), serialised once."""
     data = io.BytesIO()  # torch writing a file itself turns a full disk into "enforce fail at inline_container.cc"
     torch.save({"format_version": FORMAT_VERSION, **payload}, data)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk is an OSError (WriteError)
-        f.write(data.getbuffer())
+    for path in paths:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk is an OSError (WriteError)
+            f.write(data.getbuffer())
 
 
 class CheckpointError(ValueError):

@@ -198,10 +198,10 @@ class Trainer:
                 improved = score < self.best or not best.exists()
                 if improved:
                     self.best, self.best_epoch = score, self.epoch
-                # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing
-                checkpoint.save(self.store.checkpoint(self.trial_id, "last"), **self.state(), epoch_rows=rows)
-                if improved:
-                    checkpoint.save(best, **self.state())
+                # the checkpoint carries the epoch's rows, so a kill between these writes loses nothing; an improved
+                # epoch's state is serialised once and written as both the last and the best checkpoint
+                checkpoint.save(self.store.checkpoint(self.trial_id, "last"), *([best] if improved else []),
+                                **self.state(), epoch_rows=rows)
                 self.store.write_epoch(self.trial_id, self.epoch, rows)
                 self.store.write_trial(self.trial_id, status="running", epochs_done=self.epoch, best_epoch=self.best_epoch,
                                        **self.timing())
