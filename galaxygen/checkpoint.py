@@ -84,7 +84,24 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     its family: a checkpoint saved without what those need beside the weights (a VAE's latent prior: a last
     checkpoint, or the best of a run killed before its end) gets it fitted from the run's data, as training
     would have (CheckpointError when that data cannot be opened: never a model that would sample another latent)."""
-    state = load(path, map_location)
+    model, config, _ = fitted_model(path, load(path, map_location), map_location)
+    return model, config
+
+
+def complete(path: str | os.PathLike) -> bool:
+    """Fit into the checkpoint file at `path` what sampling needs beside its weights when it lacks it (a VAE's
+    latent prior, from the run's data; see `load_model`), rewriting it atomically; True when it did."""
+    state = load(path)
+    model, _, fitted = fitted_model(path, state, "cpu")
+    if fitted:
+        save(Path(path), **{**state, "model": model.state_dict()})
+    return fitted
+
+
+def fitted_model(path: str | os.PathLike, state: dict,
+                 map_location: str | torch.device) -> tuple[torch.nn.Module, TrainConfig, bool]:
+    """The model of a loaded checkpoint `state` (in eval mode), its config, and whether what sampling needs beside
+    the weights had to be fitted."""
     try:
         config = TrainConfig.from_dict(state["config"]).resolved()
         model = build_model(config)
@@ -94,8 +111,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"{path} does not hold a model of this galaxygen version ({first})") from None
     model.eval()
     model = model.to(map_location)
-    MODELS[config.model].family.fit_sampling(model, functools.partial(training_data, config, Path(path)))
-    return model, config
+    fitted = MODELS[config.model].family.fit_sampling(model, functools.partial(training_data, config, Path(path)))
+    return model, config, fitted
 
 
 def training_data(config: TrainConfig, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +126,7 @@ def training_data(config: TrainConfig, path: Path) -> tuple[np.ndarray, np.ndarr
         data = open_data(config)
     except (ValueError, CacheError, OSError) as err:  # ConfigError is a ValueError
         raise CheckpointError(f"{path} needs its run's data {config.data} to fit its latent prior: {err}") from None
-    log.info("%s was saved without its latent prior: fitted it to %s", path, config.data)
+    log.info("fitting the latent prior of %s (saved without it) to its run's data %s", path, config.data)
     return data.cache.images, data.train
 
 

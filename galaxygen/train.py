@@ -207,10 +207,11 @@ class Trainer:
                                        **self.timing())
                 if report is not None:
                     report(summary)
-        if main:
+        if main and evaluate:  # else whoever evaluates completes the best checkpoint (checkpoint.complete)
             self.finish_best()
-            if self.config.eval_n and evaluate:
+            if self.config.eval_n:
                 self.evaluate()
+        if main:
             trained = bool(summary)
             if not trained:  # resumed after its last epoch (e.g. killed during evaluation): nothing was reported
                 summary = epoch_report(self.store.metrics(self.trial_id), self.epoch)
@@ -421,8 +422,9 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
         report: Callable[[dict], None] | None = None, evaluate: bool = True) -> dict:
     """Train (or resume, or skip if already completed) one run; returns its final per-epoch report.
 
-    evaluate=False leaves the end-of-run evaluation (config.eval_n) to someone else, e.g. a CPU job after a
-    GPU training job (`SlurmOptions.eval_job`)."""
+    evaluate=False leaves the end-of-run evaluation (config.eval_n) and the completion of the best checkpoint (its
+    latent prior: `checkpoint.complete`) to someone else, e.g. a CPU job after a GPU training job
+    (`SlurmOptions.eval_job`)."""
     config = config.resolved()
     trial_id = trial_id or config.signature()
     store = ResultsStore(results, sweep)

@@ -160,7 +160,9 @@ class TrialPoller:
             argv = eval_argv(self.store, self.trial_id, self.config.eval_n, self.config.seed, self.options.eval_cpus)
             shape = self.options.cpu_job(self.options.eval_cpus, f"--dependency=afterok:{self.job.job_id}",
                                          "--kill-on-invalid-dep=yes")
-            self.eval_job = submit(functools.partial(run_evaluate, argv), folder, shape, self.driver, f"{name}-eval")
+            best = str(self.store.checkpoint(self.trial_id, "best"))  # it also completes the checkpoint
+            self.eval_job = submit(functools.partial(run_evaluate, argv, complete=best), folder, shape, self.driver,
+                                   f"{name}-eval")
         self.write_registry(finished=False, first_report=None)
         log.info("trial %s: submitted SLURM job %s%s (logs in %s)", self.trial_id, self.job.job_id,
                  f" and its evaluation job {self.eval_job.job_id}" if self.eval_job else "", folder)

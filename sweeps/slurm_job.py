@@ -138,11 +138,18 @@ def eval_argv(store: ResultsStore, trial_id: str, n: int, seed: int, workers: in
             "--trial", trial_id, "--workers", str(workers), "--no-progress"]
 
 
-def run_evaluate(argv: list[str]) -> None:
-    """One evaluation job: `python -m galaxygen.evaluate ARGV` (raises, so SLURM and submitit see a failure)."""
+def run_evaluate(argv: list[str], complete: str | None = None) -> None:
+    """One evaluation job: `python -m galaxygen.evaluate ARGV` (raises, so SLURM and submitit see a failure).
+
+    complete: a trial's best checkpoint to complete first (`checkpoint.complete`: a VAE's latent prior), which its
+    training job leaves to this CPU job."""
     from galaxygen.evaluate.__main__ import main
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if complete:
+        from galaxygen import checkpoint
+
+        checkpoint.complete(complete)
     status = main(argv)
     if status:
         raise RuntimeError(f"python -m galaxygen.evaluate {' '.join(argv)} exited with status {status}")

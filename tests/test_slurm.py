@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from galaxygen import checkpoint
 from galaxygen.config import TrainConfig
 from galaxygen.results import ResultsStore, atomic_write_json
 from sweeps import slurm, slurm_job, slurm_options
@@ -483,6 +484,9 @@ def test_end_of_trial_evaluation_as_its_own_cpu_job_after_training(cluster, blob
     train_log = poller.job.log_path(0, "err").read_text()
     eval_log = poller.eval_job.log_path(0, "err").read_text()
     assert "galaxygen.evaluate" in eval_log and "eval metrics" not in train_log
+    # the latent prior of the best checkpoint is CPU work too: the evaluation job fits it in, not the training job
+    assert "fitting the latent prior" in eval_log and "fitting the latent prior" not in train_log
+    assert checkpoint.load(poller.store.checkpoint(poller.trial_id, "best"))["model"]["_extra_state"]["latent_prior"]
     assert json.loads(poller.store.job_record(poller.trial_id).read_text())["eval_job"]["job_id"] == \
         poller.eval_job.job_id
 

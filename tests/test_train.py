@@ -131,19 +131,21 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, blob_cache, mo
 
 
 def test_a_best_checkpoint_saved_without_its_latent_prior_gets_it_where_it_is_sampled(tmp_path, blob_cache):
-    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x")
+    # a training job whose evaluation is someone else's (a CPU job after it) leaves the prior to that job
+    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x", evaluate=False)
     store = ResultsStore(tmp_path, "t")
     best = store.checkpoint("x", "best")
-    complete = checkpoint.load(best)
-    prior = complete["model"]["_extra_state"]["latent_prior"]
-    # a job killed between saving its best checkpoint and completing it leaves a best without the latent prior
-    bare = {**complete, "model": {**complete["model"], "_extra_state": {}}}
+    bare = checkpoint.load(best)
+    assert bare["model"]["_extra_state"] == {}
+    model, _ = checkpoint.load_model(best)  # loading it to sample fits the prior from the run's data ...
+    assert model.latent_prior is not None and checkpoint.load(best)["model"]["_extra_state"] == {}  # ... never writes
+    assert checkpoint.complete(best) and not checkpoint.complete(best)  # the evaluation job writes it in, once
+    prior = checkpoint.load(best)["model"]["_extra_state"]["latent_prior"]
+    torch.testing.assert_close(prior, model.latent_prior.state())  # deterministic: the same mixture
+    # a job killed between saving its best checkpoint and completing it: the resume completes it
     checkpoint.save(best, **bare)
-    model, _ = checkpoint.load_model(best)  # loading it to sample fits the prior from the run's data: the same one
-    torch.testing.assert_close(model.latent_prior.state(), prior)
-    assert checkpoint.load(best)["model"]["_extra_state"] == {}  # loading never writes
-    store.write_trial("x", status="running")  # the killed job's row
-    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x")  # the resume trains nothing and completes the best checkpoint
+    store.write_trial("x", status="running")
+    run(tiny(blob_cache, epochs=1), tmp_path, "t", "x")  # trains nothing, completes the best checkpoint
     torch.testing.assert_close(checkpoint.load(best)["model"]["_extra_state"]["latent_prior"], prior)
     # without the run's data, such a checkpoint is refused in one line, never sampled from N(0, I) instead
     gone = tmp_path / "bare.pt"
