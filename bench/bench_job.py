@@ -22,7 +22,8 @@ The steady state is an epoch as every epoch after the first repeats it: from one
 (epoch end, training, validation), median over epochs and jobs. What is left of a job beyond its epochs' steady
 state is its fixed cost F (start-up, set-up, end of training, shut-down); it is under 5% of a job that lasts 20 F
 or more, and the whole job is under 5% outside the steps from the epoch count where F plus the steady overhead
-falls under 5% (never when the steady state alone is at or above 5%). A requeued trial is measured on its last
+falls under 5% (never when the steady state alone is at or above 5%); F plus N steady epochs also projects the
+share of jobs of other lengths (PROJECTED). A requeued trial is measured on its last
 job only.
 """
 
@@ -49,6 +50,7 @@ from galaxygen.results import ResultsStore
 SUBMITIT_TIME = re.compile(r"^submitit \w+ \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\)")
 TARGET = 0.05
 STEADY_PARTS = ("probe and logging", "validation", "epoch end")
+PROJECTED = (2, 5, 20, 100)  # job lengths in epochs whose share outside the steps is projected
 
 
 def job_span(store: ResultsStore, trial_id: str) -> tuple[float, float] | None:
@@ -153,7 +155,9 @@ def report(sweep_dir: Path) -> int:
                               for j in jobs)
     print(f"fixed cost per training job (beyond its epochs' steady state): {fixed:.1f} s; under {TARGET:.0%} of a job "
           f"of {fixed / TARGET / 60:.1f} min or longer")
-    overhead = period - steps
+    overhead = share * period  # the median epoch's time outside its steps
+    lengths = ", ".join(f"{n} epochs {(fixed + n * overhead) / (fixed + n * period):.1%}" for n in PROJECTED)
+    print(f"outside training steps by job length (fixed cost + steady epochs): {lengths}")
     if TARGET * period > overhead:
         n = max(1, math.ceil((1 - TARGET) * fixed / (TARGET * period - overhead)))
         print(f"the whole job is under {TARGET:.0%} outside training steps from {n} epochs "
