@@ -1,7 +1,7 @@
 """Where a SLURM training job's wall time goes: the share spent outside training steps, for the job as run and in
 the steady state of its epochs, and the job length from which its fixed costs fall under 5%.
 
-    python bench/bench_job.py [--epochs 5] [--eval-n 64] [--slurm-eval-job yes|no] [--results DIR]
+    python bench/bench_job.py [--epochs 5] [--eval-n 64] [--slurm-eval-job yes|no] [--set K=V] [--results DIR]
         # runs a 2-trial dropout sweep on SLURM, then reports
     python bench/bench_job.py --sweep-dir RESULTS/SWEEP       # reports on a finished SLURM sweep
 
@@ -175,6 +175,8 @@ def main() -> int:
     p.add_argument("--eval-n", type=int, default=64, help="end-of-trial evaluation images of the new sweep (default 64)")
     p.add_argument("--slurm-eval-job", choices=("yes", "no"), default="yes",
                    help="the evaluation as its own CPU job (default yes, as on GPU nodes) or inside the training job")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a base config value of the new sweep, repeatable (e.g. recon_loss=bce)")
     p.add_argument("--results", help="results folder of the new sweep, kept (default: a temporary folder)")
     args = p.parse_args()
     if args.sweep_dir:
@@ -183,7 +185,7 @@ def main() -> int:
         results = args.results or scratch
         cmd = [sys.executable, "-m", "sweeps.launch", "dropout", "--backend", "slurm", "--grid", "dropout=0,0.3",
                "--epochs", str(args.epochs), "--eval-n", str(args.eval_n), "--slurm-eval-job", args.slurm_eval_job,
-               "--no-figures", "--results", results]
+               "--no-figures", "--results", results, *(f"--set={item}" for item in args.set)]
         print("running:", " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
         status = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
