@@ -71,6 +71,7 @@ def test_page_states_budget_machine_command_and_best_trials_and_draws_samples(sw
     assert page == tmp_path / "docs" / f"{SWEEP}.md"
     text = page.read_text()
     assert "python -m sweeps.launch dropout --budget-min 5" in text
+    assert f"python -m analysis.docpage {sweep} --out {tmp_path / 'docs'}" in text
     assert "5 minutes of training per trial" in text and "CPU time per torch thread" in text
     assert "host: Test CPU, 2 cores, 1 thread" in text and "72 generated galaxies" in text
     assert "| dropout=0 | fitted | completed | 10 | 5 | 10 | 6.5 (75%) |" in text
