@@ -43,6 +43,15 @@ def test_grid_sweeps_expand_to_the_report_values_on_the_table_iii_base(name):
         assert {k: getattr(c, k) for k in others} == {k: getattr(base, k) for k in others}
 
 
+def test_the_main_job_trains_a_wider_cnn_under_the_gaussian_likelihood_unless_set_otherwise():
+    main = [c.resolved() for c in spaces.expand(spaces.get("dropout"), {})]
+    assert {(c.model, c.recon_loss, c.width, c.latent_dim) for c in main} == {("cnn", "gaussian", 32, 32)}
+    report = spaces.expand(spaces.get("dropout"), {"width": 16, "latent_dim": 12, "recon_loss": "bce"})
+    assert {(c.recon_loss, c.width, c.latent_dim) for c in report} == {("bce", 16, 12)}  # --set overrides it
+    others = [c.resolved() for c in spaces.expand(spaces.get("batch_size"), {})]  # other sweeps keep the defaults
+    assert {(c.recon_loss, c.width, c.latent_dim) for c in others} == {("bce", 16, 12)}
+
+
 def test_augmentation_and_search_sweeps():
     aug = [(c.model, c.augment) for c in spaces.expand(spaces.get("augmentation"), {})]
     assert sorted(aug) == sorted([("mlp2", True), ("mlp2", False), ("cnn", True), ("cnn", False)])
