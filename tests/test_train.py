@@ -244,12 +244,15 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out, queue) 
     trainer = Trainer(cfg.resolved(), ResultsStore(out / f"rank{rank}", "ddp"), "trial", env, distributed.setup(env))
     summary = trainer.fit()
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]).numpy()
+    if trainer.model.recon_variance is not None:  # the gaussian likelihood's running variance: a model parameter too
+        params = np.concatenate([params, trainer.model.recon_variance.numpy()])
     distributed.teardown()
     queue.put((rank, summary, params))
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, blob_cache):
-    cfg = tiny(blob_cache, epochs=1, dropout=0.0, augment=False, batch_size=32)
+@pytest.mark.parametrize("likelihood", ["bce", "gaussian"])  # gaussian: the global batch's optimal variance
+def test_two_process_ddp_matches_one_process(tmp_path, blob_cache, likelihood):
+    cfg = tiny(blob_cache, epochs=1, dropout=0.0, augment=False, batch_size=32, recon_loss=likelihood)
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -14,7 +14,8 @@ def conv_out(size: int, kernel: int = 5) -> int:
 
 
 class TableIIIVAE(VAE):
-    """conv5-pool-conv5-pool encoder, linear mu/logvar, upsample + transposed-conv decoder, sigmoid."""
+    """conv5-pool-conv5-pool encoder, linear mu/logvar, upsample + transposed-conv decoder (its output is the
+    image through a sigmoid, or itself under the gaussian likelihood: VAE.decode)."""
 
     def __init__(self, image_size: int, latent_dim: int, width: int, dropout: float):
         super().__init__()

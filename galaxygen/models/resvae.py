@@ -8,7 +8,7 @@ stage. At 64 px:
              ("down" = stride-2 3x3 conv, then a residual block)
     decoder  z -linear-> 4w x4 -res-> -up-> 2w x8 -up-> w x16 -up-> w/2 x32 -up-> w/4 x64 -conv-> 3x64 logits
              ("up" = nearest-neighbour x2 + 3x3 conv, then a residual block except at full resolution;
-             the decoder outputs logits and VAE.decode applies the sigmoid)
+             VAE.decode maps the output to the image: a sigmoid, or the identity under the gaussian likelihood)
 
 Thin high-resolution stages keep it CPU-affordable: with w = 32 a training step on 32 images of 64 px
 takes about 0.25 s on one core. GroupNorm rather than BatchNorm: no batch statistics, so tiny per-rank
