@@ -6,7 +6,7 @@ stage. At 64 px:
 
     encoder  3x64 -conv-> w/4x64 -down-> w/2x32 -down-> w x16 -down-> 2w x8 -down-> 4w x4 -> linear mu, logvar
              ("down" = stride-2 3x3 conv, then a residual block)
-    decoder  z -linear-> 4w x4 -res-> -up-> 2w x8 -up-> w x16 -up-> w/2 x32 -up-> w/4 x64 -conv-> 3x64 logits
+    decoder  z -linear-> 4w x4 -res-> -up-> 2w x8 -up-> w x16 -up-> w/2 x32 -up-> w/4 x64 -conv-> 3x64
              ("up" = nearest-neighbour x2 + 3x3 conv, then a residual block except at full resolution;
              VAE.decode maps the output to the image: a sigmoid, or the identity under the gaussian likelihood)
 
