@@ -408,7 +408,7 @@ def finished_budget(config: TrainConfig, train_seconds: float) -> bool:
 
 
 def trained_enough(row: dict | None, config: TrainConfig) -> bool:
-    """True when a trial's row says it completed what `config` asks: its epochs, or its wall-clock budget."""
+    """True when a trial's row says it completed what `config` asks: its epochs, or its training budget."""
     if not row or row.get("status") != "completed":
         return False
     return (row.get("epochs_done") or 0) >= config.epochs or finished_budget(config, row.get("train_seconds") or 0)
