@@ -109,10 +109,11 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def write_error(err: BaseException | None) -> WriteError | None:
+def write_error(err: BaseException | None, where: str | os.PathLike = "a results file") -> WriteError | None:
     """The WriteError behind an exception (itself, its cause or context, or Ray's wrapper of it), else None.
 
-    An OSError of WRITE_ERRNOS that did not come through `writing` (TensorBoard's event writer) counts too."""
+    An OSError of WRITE_ERRNOS that did not come through `writing` (TensorBoard's event writer) counts too; when it
+    names no file, `where` (the folder its writer was writing into, if the caller knows it) is named instead."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -121,7 +122,7 @@ def write_error(err: BaseException | None) -> WriteError | None:
         elif isinstance(err, WriteError):
             return err
         elif isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
-            return WriteError(err.errno, os.strerror(err.errno), err.filename or "a results file")
+            return WriteError(err.errno, os.strerror(err.errno), err.filename or str(where))
         else:
             err = err.__cause__ or err.__context__
     return None

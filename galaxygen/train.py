@@ -443,8 +443,8 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
         return trainer.fit(report, evaluate)
     except Exception as err:
         # a full disk or a read-only folder is one line naming the file (a traceback adds nothing), and raised as
-        # a WriteError whatever wrote it (TensorBoard's writer raises a bare OSError)
-        written = write_error(err)
+        # a WriteError whatever wrote it (TensorBoard's writer raises a bare OSError, naming no file: its folder)
+        written = write_error(err, where=store.tb_dir(trial_id))
         if env.is_main:
             try:
                 store.write_trial(trial_id, status="failed", end_time=time.time(),

@@ -504,9 +504,9 @@ def run_sweep(args, sweep: spaces.Sweep, base: dict, configs: list[TrainConfig],
                 metric=METRICS[args.metric], mode="min", scheduler=scheduler, num_samples=len(configs),
                 search_alg=searcher(configs, concurrent, METRICS[args.metric]),
                 trial_dirname_creator=lambda t: f"{t.trial_id}",
-                # a local trial's worker process serves the next trial: no new interpreter, torch, statmorph import
-                # (the per-trial start-up of the main job); each trial still builds its own model, data and seeds
-                reuse_actors=backend != "slurm",
+                # each trial in its own worker process: a reused worker outlives a stopped sweep's driver and keeps
+                # its open files, so after a full disk the rerun found no room (test_disk_faults)
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=tune_dir(results),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0,

@@ -221,6 +221,25 @@ def test_a_read_only_results_folder_is_refused_in_one_line_before_ray_starts(sma
 
 
 
+def test_a_bare_os_error_of_a_full_disk_names_where_its_writer_wrote():
+    """TensorBoard's event writer raises ENOSPC without a file name: the one line names the folder it writes into
+    (the caller's `where`), not a vague "a results file"; an error that names its file keeps it; others are not."""
+    import errno
+
+    from galaxygen.results import write_error
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as bare:
+            raise RuntimeError("event writer failed") from bare
+    except RuntimeError as err:
+        assert str(write_error(err, where="/r/s/runs/t1/tb")) == "no space left on device writing /r/s/runs/t1/tb"
+    named = OSError(errno.EROFS, os.strerror(errno.EROFS), "/r/s/trials/t1.parquet")
+    assert write_error(named, where="/elsewhere").filename == "/r/s/trials/t1.parquet"
+    assert write_error(OSError(errno.ENOENT, "missing"), where="/r") is None
+
+
 def test_a_write_error_is_read_back_from_a_remote_traceback():
     """What reaches the SLURM driver of a job's failure is its traceback as text (submitit's result file, or the
     log's last lines): the WriteError in it is rebuilt, errno included; any other failure is not one."""
