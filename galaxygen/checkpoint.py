@@ -17,6 +17,7 @@ import torch
 
 from galaxygen.config import TrainConfig
 from galaxygen.models import MODELS, build_model
+from galaxygen.models.registry import TrainingData
 from galaxygen.results import CHECKPOINTS, ResultsStore, atomic_path
 
 log = logging.getLogger(__name__)
@@ -88,30 +89,37 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model, config
 
 
-def complete(path: str | os.PathLike) -> bool:
+def complete(path: str | os.PathLike, data: TrainingData | None = None, model: torch.nn.Module | None = None,
+             map_location: str | torch.device = "cpu") -> bool:
     """Fit into the checkpoint file at `path` what sampling needs beside its weights when it lacks it (a VAE's
-    latent prior, from the run's data; see `load_model`), rewriting it atomically; True when it did."""
-    state = load(path)
-    model, _, fitted = fitted_model(path, state, "cpu")
+    latent prior; see `load_model`), rewriting it atomically; True when it did. `data` and `model` as in
+    `fitted_model` (a trainer passes its own: `model` is left holding the completed checkpoint, in eval mode)."""
+    state = load(path, map_location)
+    model, _, fitted = fitted_model(path, state, map_location, data, model)
     if fitted:
         save(Path(path), **{**state, "model": model.state_dict()})
     return fitted
 
 
-def fitted_model(path: str | os.PathLike, state: dict,
-                 map_location: str | torch.device) -> tuple[torch.nn.Module, TrainConfig, bool]:
+def fitted_model(path: str | os.PathLike, state: dict, map_location: str | torch.device,
+                 data: TrainingData | None = None,
+                 model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, TrainConfig, bool]:
     """The model of a loaded checkpoint `state` (in eval mode), its config, and whether what sampling needs beside
-    the weights had to be fitted."""
+    the weights had to be fitted: to `data()` (default: the run's data, opened only then: `training_data`), in
+    `model` (default: one built from the checkpoint's config)."""
     try:
         config = TrainConfig.from_dict(state["config"]).resolved()
-        model = build_model(config)
+        if model is None:
+            model = build_model(config)
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError, TypeError) as err:  # ConfigError is a ValueError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} does not hold a model of this galaxygen version ({first})") from None
     model.eval()
     model = model.to(map_location)
-    fitted = MODELS[config.model].family.fit_sampling(model, functools.partial(training_data, config, Path(path)))
+    if data is None:
+        data = functools.partial(training_data, config, Path(path))
+    fitted = MODELS[config.model].family.fit_sampling(model, data)
     return model, config, fitted
 
 

@@ -103,10 +103,10 @@ class Trainer:
     """Everything one run needs: data, model, objective, logging; `fit` runs (or resumes) it."""
 
     def __init__(self, config: TrainConfig, store: ResultsStore, trial_id: str, env: distributed.DistEnv,
-                 device: torch.device):
+                 device: torch.device, data: RunData | None = None):
         self.config, self.store, self.trial_id, self.env, self.device = config, store, trial_id, env, device
         self.run_dir = store.run_dir(trial_id)
-        data = open_data(config, env.world_size)
+        data = data or open_data(config, env.world_size)
         self.cache, train_idx, val_idx = data.cache, data.train, data.val
         self.train_idx = train_idx
         seed_everything(config.seed)
@@ -243,14 +243,9 @@ class Trainer:
 
     def finish_best(self) -> None:
         """Load the best checkpoint into the model and complete it with what sampling needs beside the weights (a
-        VAE's latent prior): fitted once here, for the checkpoint that is sampled, not every epoch; after a
-        resume too, when the job that saved it was killed before this."""
-        path = self.store.checkpoint(self.trial_id, "best")
-        state = checkpoint.load(path, self.device)
-        self.model.load_state_dict(state["model"])
-        self.model.eval()
-        if self.family.fit_sampling(self.model, self.training_data):
-            checkpoint.save(path, **{**state, "model": self.model.state_dict()})
+        VAE's latent prior, fitted to the run's open data: `checkpoint.complete`): once here, for the checkpoint
+        that is sampled, not every epoch; after a resume too, when the job that saved it was killed before this."""
+        checkpoint.complete(self.store.checkpoint(self.trial_id, "best"), self.training_data, self.model, self.device)
 
     def evaluate(self) -> None:
         """Sample-quality metrics of the best checkpoint (loaded by `finish_best`), from each latent of its family,
@@ -419,12 +414,12 @@ def hparams(config: TrainConfig) -> dict:
 
 
 def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUNS, trial_id: str | None = None,
-        report: Callable[[dict], None] | None = None, evaluate: bool = True) -> dict:
+        report: Callable[[dict], None] | None = None, evaluate: bool = True, data: RunData | None = None) -> dict:
     """Train (or resume, or skip if already completed) one run; returns its final per-epoch report.
 
     evaluate=False leaves the end-of-run evaluation (config.eval_n) and the completion of the best checkpoint (its
     latent prior: `checkpoint.complete`) to someone else, e.g. a CPU job after a GPU training job
-    (`SlurmOptions.eval_job`)."""
+    (`SlurmOptions.eval_job`). `data`: the run's data when the caller has opened it already (`open_data`)."""
     config = config.resolved()
     trial_id = trial_id or config.signature()
     store = ResultsStore(results, sweep)
@@ -439,7 +434,7 @@ def run(config: TrainConfig, results: str | os.PathLike, sweep: str = SINGLE_RUN
         store.remove_stale(trial_id)  # temporaries of a killed earlier attempt of this trial
     device = distributed.setup(env)
     try:
-        trainer = Trainer(config, store, trial_id, env, device)
+        trainer = Trainer(config, store, trial_id, env, device, data)
         return trainer.fit(report, evaluate)
     except Exception as err:
         # a full disk or a read-only folder is one line naming the file (a traceback adds nothing), and raised as
@@ -489,13 +484,13 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 values[key] = getattr(args, key)
         config = TrainConfig.from_dict(values).resolved()
-        open_data(config, distributed.read_env().world_size, in_memory=False)
+        data = open_data(config, distributed.read_env().world_size)  # every input problem before any work
         check_trial_id(args.trial_id or config.signature())
     except (ConfigError, CacheError, StoreError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        summary = run(config, args.out, args.sweep, args.trial_id)
+        summary = run(config, args.out, args.sweep, args.trial_id, data=data)
     except (ConfigError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

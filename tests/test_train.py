@@ -16,10 +16,11 @@ import torch
 
 from galaxygen import checkpoint, distributed
 from galaxygen.config import ConfigError, TrainConfig
+from galaxygen.data import Cache
 from galaxygen.models.latent_prior import LatentPrior, fit_rows
 from galaxygen.models.vae import posterior_means
 from galaxygen.results import ResultsStore
-from galaxygen.train import TIMINGS, Trainer, TrainingDiverged, open_data, run
+from galaxygen.train import TIMINGS, Trainer, TrainingDiverged, main, open_data, run
 
 
 def tiny(blob_cache, **kw) -> TrainConfig:
@@ -48,6 +49,15 @@ def test_bad_config_fails_before_any_work(tmp_path, blob_cache, bad, key):
     assert len(lines) == 1 and key in lines[0], proc.stderr
     assert "allowed" in lines[0] or "cache" in lines[0]
     assert not out.exists(), "nothing may be written for a bad config"
+
+
+def test_the_train_command_opens_its_data_once(tmp_path, blob_cache, monkeypatch):
+    # the inputs' check before any work opens the run's data, and the run trains on that same opening
+    opened = []
+    real = Cache.open.__func__
+    monkeypatch.setattr(Cache, "open", classmethod(lambda cls, *a, **kw: opened.append(a) or real(cls, *a, **kw)))
+    assert main(["--data", str(blob_cache), "--epochs", "1", "--set", "batch_size=16", "--out", str(tmp_path)]) == 0
+    assert len(opened) == 1
 
 
 def test_a_training_job_imports_no_package_it_does_not_train_with():
