@@ -4,11 +4,11 @@
 # Usage: sudo slurm/local-cluster.sh install|start|stop|status|restart [--nodes N] [--help]
 #
 #   install  apt-get install Debian's slurmctld, slurmd, slurm-client and munge (apt-get update once)
-#   start    install if needed, create the munge key, start munged, build the node network, write
+#   start    install if needed, create the munge key, start munged, build the cluster network, write
 #            /etc/slurm/slurm.conf, start slurmctld and one slurmd per node, and wait until `sinfo`
 #            shows every node idle. --nodes N (default 1, at most 32) sets the number of nodes; a
 #            running cluster with another N is reconfigured (its jobs are lost)
-#   stop     stop the daemons and the jobs still running on the nodes, remove the node network and
+#   stop     stop the daemons and the jobs still running on the nodes, remove the cluster network and
 #            the nodes' /etc/hosts lines, stop the munged this script started
 #   status   print the daemons' state, `sinfo` and `squeue`; exit 1 when the cluster is not up
 #   restart  stop then start
@@ -16,9 +16,19 @@
 # The nodes node1..nodeN are real SLURM nodes that share this machine's CPUs, memory and file
 # systems. Each lives in its own network namespace (galaxygen-nodeK) and UTS namespace (hostname
 # nodeK), with one interface eth0 at 10.77.0.(K+1)/24 on a bridge (galaxygen-br) whose address
-# 10.77.0.1 is the controller's; /etc/hosts names every node, so `nodeK` resolves to its address on
-# every node and jobs talk to each other (e.g. DDP over gloo) over that network. The nodes have no
-# route beyond it. slurmctld runs in this machine's own namespaces, slurmd -N nodeK in node K's.
+# 10.77.0.1 is this machine's; /etc/hosts names every node, so `nodeK` resolves to its address on
+# every node and jobs talk to each other (e.g. DDP over gloo) over that network. slurmd -N nodeK
+# runs in node K's namespaces, slurmctld in a network namespace of its own (galaxygen-ctld, eth0 at
+# 10.77.0.254 on the same bridge); this machine's sbatch, squeue, ... reach it over the bridge.
+#
+# Where the daemons listen: SLURM has no bind-address setting, so slurmctld (port 6817) and slurmd
+# (6818) listen on 0.0.0.0 - but each inside a namespace whose only interfaces are lo and its eth0
+# on the bridge, so nothing of the cluster listens in this machine's own namespace, and the
+# machine's other interfaces reach none of them. The namespaces have no route beyond 10.77.0.0/24,
+# so even a packet forwarded in from elsewhere gets no answer. Namespaces rather than firewall
+# rules: they need only the `ip` and `nsenter` the nodes already need (a fresh Debian has no
+# firewall tool for certain), leave no rule behind when the script is killed, and `stop` removes
+# them with the rest of the network. munged listens on a Unix socket only; there is no slurmdbd.
 # (Debian's build has MULTIPLE_SLURMD, so per-node ports on one address would also work; separate
 # addresses and host names are what a real cluster has, and they show a rank bound to loopback at once.)
 # Every node advertises all of this machine's CPUs (topology from `slurmd -C`) and RealMemory a bit
@@ -47,10 +57,12 @@ CTLD_PID=/run/slurmctld.pid
 MUNGE_PID=/run/munge/munged.pid
 PACKAGES=(slurmctld slurmd slurm-client munge)
 MAX_NODES=32
-NET=10.77.0            # the nodes' /24: controller .1, node K .(K+1)
+NET=10.77.0            # the cluster's /24: this machine .1, node K .(K+1), the controller .254
 BRIDGE=galaxygen-br
-NS_PREFIX=galaxygen-   # network namespace of node K: galaxygen-nodeK
-VETH_PREFIX=gg-        # its peer in this namespace: gg-nodeK
+NS_PREFIX=galaxygen-   # network namespace of node K: galaxygen-nodeK; of slurmctld: galaxygen-ctld
+VETH_PREFIX=gg-        # its peer in this namespace: gg-nodeK, gg-ctld
+CTLD=ctld              # the controller's name in the two prefixes above
+CTLD_ADDR=$NET.254
 HOSTS_BEGIN="# galaxygen local-cluster nodes (slurm/local-cluster.sh) begin"
 HOSTS_END="# galaxygen local-cluster nodes end"
 NODES=1
@@ -114,29 +126,34 @@ node_names() { local k; for k in $(seq 1 "$NODES"); do echo "node$k"; done; }
 node_addr() { echo "$NET.$(( ${1#node} + 1 ))"; }
 slurmd_pid() { echo "/run/slurmd-$1.pid"; }
 
-# Namespaces of this script's nodes that exist now (any N).
+# Namespaces of this script's nodes and controller that exist now (any N).
 existing_namespaces() { ip netns list 2>/dev/null | awk -v p="$NS_PREFIX" 'index($1, p) == 1 {print $1}'; }
 
 start_network() {
-    local node ns veth
+    local node
     if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
         ip link add "$BRIDGE" type bridge
     fi
     ip addr replace "$NET.1/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
+    add_to_bridge "$CTLD" "$CTLD_ADDR"
     for node in $(node_names); do
-        ns=$NS_PREFIX$node
-        veth=$VETH_PREFIX$node
-        existing_namespaces | grep -qx "$ns" || ip netns add "$ns"
-        if ! ip link show "$veth" >/dev/null 2>&1; then
-            ip link add "$veth" type veth peer name eth0 netns "$ns"
-        fi
-        ip link set "$veth" master "$BRIDGE" up
-        ip -n "$ns" addr replace "$(node_addr "$node")/24" dev eth0
-        ip -n "$ns" link set eth0 up
-        ip -n "$ns" link set lo up
+        add_to_bridge "$node" "$(node_addr "$node")"
     done
     write_hosts
+}
+
+# Network namespace $NS_PREFIX$1 whose only interfaces are lo and eth0 at $2 on the bridge.
+add_to_bridge() {
+    local ns=$NS_PREFIX$1 veth=$VETH_PREFIX$1
+    existing_namespaces | grep -qx "$ns" || ip netns add "$ns"
+    if ! ip link show "$veth" >/dev/null 2>&1; then
+        ip link add "$veth" type veth peer name eth0 netns "$ns"
+    fi
+    ip link set "$veth" master "$BRIDGE" up
+    ip -n "$ns" addr replace "$2/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
 }
 
 write_hosts() {
@@ -199,9 +216,10 @@ write_conf() {
     done)
     mkdir -p "$CONF_DIR"
     cat >"$CONF.new" <<EOF
-# Written by galaxygen slurm/local-cluster.sh: $NODES node(s) on $HOST, each in its own network namespace.
+# Written by galaxygen slurm/local-cluster.sh: $NODES node(s) on $HOST, each in its own network namespace,
+# as is slurmctld (at $CTLD_ADDR).
 ClusterName=galaxygen-local
-SlurmctldHost=$HOST($NET.1)
+SlurmctldHost=$HOST($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -298,9 +316,9 @@ cmd_start() {
     fi
     start_network
     if ! alive "$CTLD_PID"; then
-        log "starting slurmctld"
+        log "starting slurmctld ($CTLD_ADDR)"
         # -i: ignore state files from an older configuration of the cluster
-        slurmctld -i
+        nsenter --net="/run/netns/$NS_PREFIX$CTLD" slurmctld -i
     fi
     local node
     for node in $(node_names); do

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -632,6 +633,46 @@ def test_local_cluster_status(cluster):
     out = subprocess.run(["bash", str(REPO / "slurm" / "local-cluster.sh"), "status"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "slurmctld: running" in out.stdout, out.stdout + out.stderr
+
+
+# slurm/local-cluster.sh's node network, and the ports of its slurmctld and slurmd (it runs no slurmdbd; munged
+# listens on a Unix socket only)
+NODE_NETWORK = ipaddress.ip_network("10.77.0.0/24")
+SLURM_PORTS = {6817, 6818}
+
+
+def listening_tcp() -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of every listening TCP socket in this process's network namespace, from /proc/net/tcp{,6}."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # TCP_LISTEN
+                continue
+            hex_addr, hex_port = local.split(":")
+            # the kernel prints the address as 32-bit words in host (little-endian) order
+            raw = b"".join(bytes.fromhex(hex_addr[i:i + 8])[::-1] for i in range(0, len(hex_addr), 8))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            found.append((addr, int(hex_port, 16)))
+    return found
+
+
+def test_listening_tcp_reads_this_namespaces_sockets():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert (ipaddress.ip_address("127.0.0.1"), port) in listening_tcp()
+
+
+@pytest.mark.slurm
+def test_local_cluster_listens_only_on_loopback_and_the_node_network(cluster):
+    # SLURM has no bind address: a daemon in this machine's own network namespace would listen on every interface
+    exposed = [f"{addr}:{port}" for addr, port in listening_tcp()
+               if port in SLURM_PORTS and not (addr.is_loopback or addr in NODE_NETWORK)]
+    assert not exposed, f"SLURM ports reachable from this machine's other interfaces: {exposed}"
 
 
 def test_job_ref_reads_results_without_sacct(tmp_path):
