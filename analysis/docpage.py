@@ -171,8 +171,9 @@ def page(data: SweepData, meta: dict, table: pd.DataFrame, figure: str | None, o
         "real-vs-real floor that the samples close (100% = as close to the held-out galaxies as real galaxies "
         "are; negative = worse than one galaxy repeated). Lower metric values are better. `train min` is the "
         "budget's clock, `wall min` the wall clock of the same epochs (their ratio is the share of a core the "
-        "trial got on a shared CPU). VAEs are scored from their fitted latent prior (`fitted`, the default) and "
-        "from N(0, I) (`prior`).",
+        "trial got on a shared CPU). VAEs are scored from their fitted latent prior with their "
+        "fitted pixel noise around the decoder's mean (`fitted`, the default: images like observed galaxies), "
+        "from the same latents without the noise (`noiseless`) and from N(0, I) decoded to the mean (`prior`).",
         "",
         to_markdown(shown(table)),
         "Best trial per metric:",
@@ -182,7 +183,8 @@ def page(data: SweepData, meta: dict, table: pd.DataFrame, figure: str | None, o
     ]
     if figure:
         lines += [f"![samples of every trial]({figure})", "",
-                  "32 samples per trial from its best checkpoint, same seed; VAEs from their fitted latent prior.", ""]
+                  "32 samples per trial from its best checkpoint, same seed; VAEs from their fitted latent prior, with "
+                  "their fitted pixel noise.", ""]
     return "\n".join(lines)
 
 

@@ -155,7 +155,9 @@ def colour_figure(data: SweepData, outputs: dict[str, TrialOutputs], add) -> Non
 
 LATENT_CAPTIONS = {
     "fitted": "VAEs decode latents drawn from their fitted latent prior (a Gaussian mixture fitted to the "
-              "posterior means of their training galaxies), not from N(0, I)",
+              "posterior means of their training galaxies), not from N(0, I), and add sky noise from their fitted "
+              "pixel-noise model (the power spectrum of their training residuals)",
+    "noiseless": "VAEs decode latents drawn from their fitted latent prior to the decoder's mean, without noise",
     "prior": "generated from z ~ N(0, I)",  # a GAN decodes z, a diffusion model denoises it (x_T)
 }
 

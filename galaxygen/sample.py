@@ -1,12 +1,13 @@
 """Image grids from a trained model: samples, or input/reconstruction pairs.
 
-    python -m galaxygen.sample CKPT --n 32 --out grid.png [--latent fitted|prior]
+    python -m galaxygen.sample CKPT --n 32 --out grid.png [--latent fitted|noiseless|prior]
     python -m galaxygen.sample CKPT --reconstruct --n 16 --out pairs.png [--data CACHE] [--split test]
 
 CKPT is a checkpoint file or a run folder (RESULTS/SWEEP/runs/ID, whose checkpoints/best.pt is used).
 Samples decode latent draws, so they show what the model generates, not what it remembers: a VAE's from the
-latent prior fitted to its training galaxies' posterior means (`--latent fitted`, the default) or from
-N(0, I) (`--latent prior`); a GAN's from its input distribution (`prior`).
+latent prior fitted to its training galaxies' posterior means with sky noise from its fitted pixel-noise model
+(`--latent fitted`, the default), from the same latents without noise (`--latent noiseless`), or from N(0, I)
+(`--latent prior`); a GAN's from its input distribution (`prior`).
 With --reconstruct, rows of held-out inputs alternate with rows of their reconstructions (the decoded
 posterior mean), as in the report's Figure 5; the inputs come from the run's own data unless --data.
 """
@@ -29,7 +30,8 @@ from galaxygen.models import MODELS, all_latents, generate
 from galaxygen.results import run_checkpoint
 from galaxygen.splits import SPLITS
 
-LATENT_WORDS = {"fitted": "fitted prior", "prior": "N(0, I)"}
+LATENT_WORDS = {"fitted": "fitted prior, with fitted pixel noise", "noiseless": "fitted prior, decoder mean",
+                "prior": "N(0, I)"}
 
 
 class SampleError(ValueError):
@@ -99,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="output image (.png or .jpg; default grid.png)")
     p.add_argument("--cols", type=positive, help="images per row (default: about sqrt(n), 8 with --reconstruct)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
-    p.add_argument("--latent", choices=all_latents(), help="latent distribution to sample: the prior fitted "
-                   "to the training galaxies' posterior means, or N(0, I) (default: fitted for VAEs, prior for GANs)")
+    p.add_argument("--latent", choices=all_latents(), help="what to sample: the prior fitted to the training "
+                   "galaxies' posterior means with fitted pixel noise (fitted), the same without noise (noiseless), "
+                   "or N(0, I) (prior) (default: fitted for VAEs, prior for GANs and diffusion)")
     p.add_argument("--reconstruct", action="store_true", help="input/reconstruction pairs instead of prior samples")
     p.add_argument("--data", help="cache to take the inputs from (default: the run's own data)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split of the inputs (default test)")

@@ -302,13 +302,12 @@ def checkpoint_of(tmp_path, cache: Cache):
     from galaxygen.checkpoint import save
     from galaxygen.config import TrainConfig
     from galaxygen.models import build_model
-    from galaxygen.models.latent_prior import LatentPrior
-    from galaxygen.models.vae import posterior_means
+    from galaxygen.models.vae import fit_sampling
 
     config = TrainConfig(model="cnn", data=str(cache.path)).resolved()
     torch.manual_seed(0)
     model = build_model(config)
-    model.latent_prior = LatentPrior.fit(posterior_means(model, cache.images[cache.indices("train")]))
+    fit_sampling(model, lambda: (cache.images, cache.indices("train")))
     path = tmp_path / "runs" / "trial-7" / "checkpoints" / "last.pt"
     save(path, config=config.to_dict(), model=model.state_dict(), epoch=2, step=20)
     return path, model, config
@@ -330,12 +329,15 @@ def test_evaluate_model_cli_and_shards_agree(tmp_path, cache, base, capsys):
     assert metrics["eval_n"] == n and "probe_r2_bulge_frac" in metrics
     for name in metrics:
         assert direction(name) in ("lower", "higher", "one", "info"), name
+    others = ("noiseless", "prior")
     assert set(metrics) - {k for k in metrics if k.startswith("probe_r2_")} <= set(METRICS) | {
-        f"{k}_prior" for k in METRICS}
-    # both latents scored: the fitted prior under the plain names, N(0, I) as <metric>_prior, different samples
-    assert direction("fid_domain_prior") == "lower" and metrics["fid_domain_prior"] != metrics["fid_domain"]
-    assert {k for k in metrics if k.endswith("_prior")} == {f"{k}_prior" for k in metrics
-                                                            if not k.endswith("_prior") and k in METRICS and k != "eval_n"}
+        f"{k}_{latent}" for k in METRICS for latent in others}
+    # every latent scored: the fitted prior with its pixel noise under the plain names, the same latents without
+    # the noise as <metric>_noiseless, N(0, I) as <metric>_prior; different samples
+    plain = {k for k in metrics if k in METRICS and k != "eval_n"}
+    for latent in others:
+        assert direction(f"fid_domain_{latent}") == "lower" and metrics[f"fid_domain_{latent}"] != metrics["fid_domain"]
+        assert {k for k in metrics if k.endswith(f"_{latent}")} == {f"{k}_{latent}" for k in plain}
 
     from galaxygen.results import ResultsStore
 

@@ -7,6 +7,7 @@ import io
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -15,7 +16,7 @@ from galaxygen.config import ConfigError, TrainConfig
 from galaxygen.losses import elbo_loss, kl_per_dim
 from galaxygen.models import MODELS, build_model, generate, memory_format
 from galaxygen.models.latent_prior import LatentPrior
-from galaxygen.models.vae import posterior_means, reparameterize
+from galaxygen.models.vae import fit_sampling, posterior_means, reparameterize
 
 
 def build(name: str, image_size: int = 32, **overrides) -> torch.nn.Module:
@@ -142,7 +143,8 @@ def test_gan_shapes(name: str, size: int):
 def test_generate_is_the_seeded_way_to_sample_every_latent_of_a_family(name: str):
     model = build(name).train()
     if MODELS[name].kind == "vae":
-        model.latent_prior = LatentPrior.fit(torch.randn(64, model.latent_dim).numpy())
+        fit_sampling(model, lambda: ((blobs(64, 32) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+                                     np.arange(64)))
     for latent in MODELS[name].family.latents:
         first = generate(model, 5, latent, seed=7, batch_size=2)  # in batches: still one seeded stream
         assert first.shape == (5, 3, 32, 32) and first.dtype == torch.float32 and 0 <= first.min() <= first.max() <= 1
@@ -392,7 +394,8 @@ def test_fitted_prior_matches_the_aggregate_posterior_better_than_the_standard_n
     fitted = prior.sample(2000, generator)
     normal = torch.randn(2000, held.shape[1], generator=generator)
     assert energy_distance(fitted, held) < 0.5 * energy_distance(normal, held)
-    model.latent_prior = prior  # stored with the weights: a state dict round trip keeps it
+    model.latent_prior = prior  # stored with the weights: a state dict round trip keeps it (with the pixel noise)
+    fit_sampling(model, lambda: (images, np.arange(192)))
     copy = build("cnn", latent_dim=4, width=4)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

@@ -14,8 +14,7 @@ from galaxygen import checkpoint
 from galaxygen.config import TrainConfig
 from galaxygen.evaluate.quick import QuickEstimate
 from galaxygen.models import build_model
-from galaxygen.models.latent_prior import LatentPrior
-from galaxygen.models.vae import posterior_means
+from galaxygen.models.vae import fit_sampling
 from galaxygen.results import ResultsStore
 from galaxygen.train import BudgetClock, run
 from tests.conftest import run_launcher
@@ -35,7 +34,7 @@ def test_the_quick_estimate_ranks_galaxies_above_noise_and_is_seeded(blob_cache)
     assert 0 < estimate.score_images(galaxies) < estimate.score_images(noise) / 5
     config = tiny(blob_cache).resolved()
     model = build_model(config)
-    model.latent_prior = LatentPrior.fit(posterior_means(model, galaxies))  # a VAE samples its fitted prior
+    fit_sampling(model, lambda: (galaxies, np.arange(len(galaxies))))  # a VAE samples its fitted prior and noise
     assert estimate(model, config, seed=3) == estimate(model, config, seed=3)
     assert estimate(model, config, seed=3) != estimate(model, config, seed=4)
 
@@ -51,8 +50,8 @@ def test_quick_eval_logs_fid_domain_each_epoch_without_changing_training(tmp_pat
     # the estimate samples the fitted prior: fitted at each epoch, so the checkpoints carry it; without it, only
     # the best checkpoint does (fitted at the end)
     store = ResultsStore(tmp_path, "t")
-    assert "latent_prior" in checkpoint.load(store.checkpoint("scored", "last"))["model"]["_extra_state"]
-    assert "latent_prior" not in checkpoint.load(store.checkpoint("plain", "last"))["model"]["_extra_state"]
+    assert {"latent_prior", "pixel_noise"} <= set(checkpoint.load(store.checkpoint("scored", "last"))["model"]["_extra_state"])
+    assert not {"latent_prior", "pixel_noise"} & set(checkpoint.load(store.checkpoint("plain", "last"))["model"]["_extra_state"])
     assert TrainConfig(quick_eval_n=16).signature() != TrainConfig().signature()  # it changes what a trial records
 
 

@@ -38,7 +38,7 @@ def tiles(grid: np.ndarray, size: int = 64, pad: int = 2) -> list[np.ndarray]:
 
 def test_sample_grid_has_n_tiles_and_is_reproducible_from_the_seed(run_dir, tmp_path, capsys):
     assert main([str(run_dir), "--n", "6", "--cols", "3", "--out", str(tmp_path / "a.png")]) == 0
-    assert "6 samples (latent: fitted prior) of cnn" in capsys.readouterr().out
+    assert "6 samples (latent: fitted prior, with fitted pixel noise) of cnn" in capsys.readouterr().out
     a = grid_of(tmp_path / "a.png")
     assert a.shape == (2 + 2 * 66, 2 + 3 * 66, 3)
     parts = tiles(a)

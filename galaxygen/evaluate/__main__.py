@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--latent", choices=LATENTS, default=None,
                    help="score only the samples from this latent distribution (default: every one of the model's "
-                   "family: a VAE's fitted latent prior under the plain metric names and N(0, I) as <metric>_prior)")
+                   "family: a VAE's fitted latent prior with its fitted pixel noise under the plain metric names, without the "
+                   "noise as <metric>_noiseless, N(0, I) as <metric>_prior)")
     p.add_argument("--inception", default="", help="torchvision Inception-v3 weights file: also compute the "
                    "standard FID/KID (nothing is downloaded)")
     p.add_argument("--out", default="", help="results store folder RESULTS/SWEEP: also write the metrics there "

@@ -1,4 +1,5 @@
-"""The VAE family: the Gaussian reparameterisation, sampling from N(0, I) or a fitted latent prior, and the
+"""The VAE family: the Gaussian reparameterisation, sampling from N(0, I) or a fitted latent prior (with or
+without a fitted pixel-noise model around the decoder's mean), and the
 objective (the ELBO of galaxygen.losses under the config's reconstruction loss; the best checkpoint has the
 lowest held-out negative ELBO)."""
 
@@ -13,6 +14,7 @@ from galaxygen import distributed
 from galaxygen.data.loader import to_float
 from galaxygen.losses import elbo_loss, mean_image, optimal_variance, warmup_factor
 from galaxygen.models.latent_prior import LatentPrior, fit_rows
+from galaxygen.models.pixel_noise import PixelNoise
 from galaxygen.models.registry import Family, TrainingData, autocast_args
 
 VARIANCE_MOMENTUM = 0.1  # weight of each training batch in the gaussian likelihood's running variance
@@ -28,15 +30,23 @@ class VAE(nn.Module):
     raw output: logits, or the image itself under the gaussian likelihood; see galaxygen.losses.mean_image).
 
     `likelihood` is the config's recon_loss (set by `build_model`). `latent_prior` (a LatentPrior fitted to the
-    aggregate posterior, or None) and `recon_variance` (the gaussian likelihood's per-channel variance, a running
-    mean of its training batches' optimum, or None) are part of the model's state (its extra state), so they
-    are checkpointed and loaded with the weights they belong to. Training drops the latent prior at every step
-    (the weights move) and fits it where it is sampled (`fit_latent_prior`).
+    aggregate posterior, or None), `pixel_noise` (a PixelNoise fitted to the training residuals, or None) and
+    `recon_variance` (the gaussian likelihood's per-channel variance, a running mean of its training batches'
+    optimum, or None) are part of the model's state (its extra state), so they are checkpointed and loaded with
+    the weights they belong to. Training drops the fitted parts at every step (the weights move) and fits them
+    where the model is sampled (`fit_sampling`).
+
+    Latents (`sample`): "fitted" draws z from the latent prior and x from the pixel-noise model around the
+    decoder's mean (an image like an observed galaxy, sky noise included: the family's default); "noiseless"
+    the same z decoded to the mean (the galaxy without its noise); "prior" z ~ N(0, I) decoded to the mean (the
+    textbook VAE sample, which needs nothing fitted). The evaluation scores all three, so what each fitted part
+    does is measured.
     """
 
     latent_dim: int
     likelihood: str = "bce"
     latent_prior: LatentPrior | None = None
+    pixel_noise: PixelNoise | None = None
     recon_variance: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,18 +72,20 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, latent: str = "prior") -> torch.Tensor:
-        """n images decoded from z ~ N(0, I) ("prior") or from the fitted latent prior ("fitted")."""
+        """n images in [0, 1] from `latent` (see the class): "fitted", "noiseless" or "prior"."""
         device = next(self.parameters()).device
-        if latent == "prior":
-            z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        elif latent == "fitted":
-            if self.latent_prior is None:
-                raise ValueError("this VAE has no fitted latent prior (checkpoint.load_model fits one from the run's "
-                                 "data, fit_latent_prior from any): sample with latent 'prior' instead")
-            z = self.latent_prior.sample(n, generator, device)
-        else:
+        if latent not in FAMILY.latents:
             raise ValueError(f"latent must be one of {', '.join(FAMILY.latents)}, got {latent!r}")
-        return self.decode(z)
+        if latent == "prior":
+            return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
+        if self.latent_prior is None or self.pixel_noise is None:
+            raise ValueError(f"this VAE has no fitted latent prior and pixel noise for latent {latent!r} "
+                             "(checkpoint.load_model fits them from the run's data, vae.fit_sampling from any): "
+                             "sample with latent 'prior' instead")
+        image = self.decode(self.latent_prior.sample(n, generator, device))
+        if latent == "noiseless":
+            return image
+        return (image + self.pixel_noise.sample(n, generator, device)).clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,12 +94,15 @@ class VAE(nn.Module):
 
     def get_extra_state(self) -> dict:
         state = {"latent_prior": self.latent_prior.state()} if self.latent_prior is not None else {}
+        if self.pixel_noise is not None:
+            state["pixel_noise"] = self.pixel_noise.state()
         if self.recon_variance is not None:
             state["recon_variance"] = self.recon_variance
         return state
 
     def set_extra_state(self, state: dict) -> None:
         self.latent_prior = LatentPrior.from_state(state["latent_prior"]) if state.get("latent_prior") else None
+        self.pixel_noise = PixelNoise.from_state(state["pixel_noise"]) if state.get("pixel_noise") else None
         self.recon_variance = state.get("recon_variance")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -108,13 +123,32 @@ def posterior_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np
     return np.concatenate(out)
 
 
-def fit_latent_prior(model: VAE, data: TrainingData) -> bool:
-    """The family's `fit_sampling`: when `model` has no latent prior, fit one to the posterior means of (a fixed
-    sample of) the training galaxies `data()` gives; deterministic, a few seconds on a CPU."""
-    if model.latent_prior is not None:
+@torch.no_grad()
+def residuals(model: VAE, images: np.ndarray, batch_size: int = 256):
+    """Batches of x - mean(x | mu(x)) for uint8 (N, S, S, 3) images, in eval mode (a generator of (B, 3, S, S))."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(images), batch_size):
+            x = to_float(images[i : i + batch_size]).to(device)
+            yield (x - model.decode(model.encode(x)[0])).float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def fit_sampling(model: VAE, data: TrainingData) -> bool:
+    """The family's `fit_sampling`: what `model` lacks of its latent prior (fitted to the posterior means) and its
+    pixel-noise model (fitted to the residuals), from (a fixed sample of) the training galaxies `data()` gives;
+    deterministic, a few seconds on a CPU."""
+    if model.latent_prior is not None and model.pixel_noise is not None:
         return False
     images, train_rows = data()
-    model.latent_prior = LatentPrior.fit(posterior_means(model, images[fit_rows(train_rows)]))
+    fit = images[fit_rows(train_rows)]
+    if model.latent_prior is None:
+        model.latent_prior = LatentPrior.fit(posterior_means(model, fit))
+    if model.pixel_noise is None:
+        model.pixel_noise = PixelNoise.fit(residuals(model, fit))
     return True
 
 
@@ -144,7 +178,7 @@ class VAEObjective:
                          free_bits=self.config.free_bits, tv_weight=self.config.tv_weight, variance=variance)
 
     def train_step(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        self.model.latent_prior = None  # fitted to the weights this step moves: stale from here on
+        self.model.latent_prior = self.model.pixel_noise = None  # fitted to the weights this step moves: stale
         alpha = self.config.alpha * warmup_factor(progress, self.config.kl_warmup_epochs)
         parts = self.loss(x, alpha)
         opt = self.optimizers[0]
@@ -181,4 +215,4 @@ def use_likelihood(model: VAE, config) -> None:
     model.likelihood = config.recon_loss
 
 
-FAMILY = Family("vae", VAEObjective, ("fitted", "prior"), fit_latent_prior, use_likelihood)
+FAMILY = Family("vae", VAEObjective, ("fitted", "noiseless", "prior"), fit_sampling, use_likelihood)
