@@ -124,15 +124,19 @@ def posterior_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np
 
 
 @torch.no_grad()
-def residuals(model: VAE, images: np.ndarray, batch_size: int = 256):
-    """Batches of x - mean(x | mu(x)) for uint8 (N, S, S, 3) images, in eval mode (a generator of (B, 3, S, S))."""
+def residuals(model: VAE, images: np.ndarray, means: np.ndarray, batch_size: int = 256):
+    """Batches of x - mean(x | mu) for uint8 images (N, S, S, 3) and their posterior means mu (N, latent_dim) (see
+    `posterior_means`), decoded in eval mode: a generator of (B, 3, S, S) on the CPU."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for i in range(0, len(images), batch_size):
-            x = to_float(images[i : i + batch_size]).to(device)
-            yield (x - model.decode(model.encode(x)[0])).float().cpu()
+            x = to_float(images[i : i + batch_size])
+            mu = torch.as_tensor(means[i : i + batch_size], dtype=torch.float32, device=device)
+            with torch.no_grad():
+                residual = x - model.decode(mu).float().cpu()
+            yield residual  # outside no_grad: the caller's grad mode holds between batches
     finally:
         model.train(was_training)
 
@@ -145,10 +149,11 @@ def fit_sampling(model: VAE, data: TrainingData) -> bool:
         return False
     images, train_rows = data()
     fit = images[fit_rows(train_rows)]
+    means = posterior_means(model, fit)
     if model.latent_prior is None:
-        model.latent_prior = LatentPrior.fit(posterior_means(model, fit))
+        model.latent_prior = LatentPrior.fit(means)
     if model.pixel_noise is None:
-        model.pixel_noise = PixelNoise.fit(residuals(model, fit))
+        model.pixel_noise = PixelNoise.fit(residuals(model, fit, means))
     return True
 
 
