@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,8 @@ from galaxygen.data.cache import CacheWriter
 from galaxygen.splits import split_of
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the slurm/ scripts the tests start run this interpreter (they fall back to REPO/.venv, absent in a git worktree)
+os.environ.setdefault("GALAXYGEN_PYTHON", sys.executable)
 
 
 def write_blob_cache(out, n: int = 240, size: int = 64, seed: int = 0):
