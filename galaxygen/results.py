@@ -140,6 +140,22 @@ def write_error_in(text: str) -> WriteError | None:
     return None if number is None else WriteError(number, os.strerror(number), found[2])
 
 
+def full_disk(*folders: str | os.PathLike) -> WriteError | None:
+    """A WriteError (ENOSPC) naming the first of `folders` whose file system has less than RESERVE_PER_TRIAL free.
+
+    For a SLURM job that ended without a result: with less room than the launcher sets aside to record one trial's
+    final status (its row; a traceback in submitit's result file is as large), the job could not report its error,
+    its log cut off mid-traceback. The threshold is above the one block the driver's own small writes take, so a
+    driver still running can find a disk its job could not write. A folder not made yet counts as its parent's."""
+    for folder in map(Path, folders):
+        here = next(p for p in (folder, *folder.parents) if p.exists())
+        with suppress(OSError):
+            stat = os.statvfs(here)
+            if stat.f_bavail * stat.f_frsize < RESERVE_PER_TRIAL:
+                return WriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+    return None
+
+
 @dataclass(frozen=True, order=True)
 class BadPart:
     """A store file that cannot be read: its path, what is wrong, and which trial and part it is."""

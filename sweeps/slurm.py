@@ -47,7 +47,14 @@ from typing import Any
 from ray import tune
 
 from galaxygen.config import TrainConfig
-from galaxygen.results import ResultsStore, atomic_write_json, epoch_report, write_error_in, writing
+from galaxygen.results import (
+    ResultsStore,
+    atomic_write_json,
+    epoch_report,
+    full_disk,
+    write_error_in,
+    writing,
+)
 from sweeps.slurm_job import (
     ACTIVE_STATES,
     CANCELLED,
@@ -194,12 +201,17 @@ class TrialPoller:
             return None
         outcome = job.outcome()
         row = self.store.read_trial(self.trial_id) or {}
-        if outcome is None and job is self.job and row.get("status") == "stopped":
+        if outcome is not None:
+            return outcome
+        if job is self.job and row.get("status") == "stopped":
             return "stopped", row
-        return outcome or ("failed", f"SLURM job {job.job_id} ended without a result (state "
-                                     f"{state or 'gone from squeue'}, last seen {self.state.get(job.job_id)}: "
-                                     f"cancelled, out of memory, node failure or time limit?). Last lines of "
-                                     f"{job.log_path(0, 'err')}:\n{job.log_tail()}")
+        detail = (f"SLURM job {job.job_id} ended without a result (state {state or 'gone from squeue'}, last "
+                  f"seen {self.state.get(job.job_id)}: cancelled, out of memory, node failure or time limit?). "
+                  f"Last lines of {job.log_path(0, 'err')}:\n{job.log_tail()}")
+        # on a full disk the job cannot get its own WriteError out (no result file, its log cut off): name the disk
+        if (full := full_disk(self.store.run_dir(self.trial_id), job.folder)) is not None:
+            detail += f"\nIts results or log folder is full:\nWriteError: {full}"  # what fail() reads back
+        return "failed", detail
 
     def next_report(self) -> dict:
         """Block until the next epoch's report (with done=True for the last epoch); raise if the job failed."""

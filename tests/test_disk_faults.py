@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -270,6 +271,24 @@ def test_a_write_error_is_read_back_from_a_remote_traceback():
     assert not is_final({"status": "failed", "error": "no space left on device writing /r/x"}, config)
     assert is_final({"status": "failed", "error": text.replace("WriteError", "ValueError")}, config)
 
+
+def start_slurm_sweep(disk: Path, data: Path, epochs: int, squeue_s: float) -> tuple[list[str], subprocess.Popen]:
+    """A one-trial sweep `dslurm` on the SLURM backend with its results on `disk`, started in the background:
+    its command and process, once its job has written its first epoch."""
+    cmd = [sys.executable, "-m", "sweeps.launch", "dslurm", "--backend", "slurm", "--data", str(data),
+           "--epochs", str(epochs), "--grid", "dropout=0.1", "--set", "batch_size=16", "--set", "log_every=4",
+           "--eval-n", "0", "--no-figures", "--results", str(disk), "--slurm-poll-s", "0.5",
+           "--slurm-squeue-s", str(squeue_s)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((disk / "dslurm").glob("metrics/*/epoch-00001.parquet")):  # the job trains
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no epoch within 120 s: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    return cmd, proc
+
+
 @pytest.mark.slurm
 @pytest.mark.usefixtures("cluster")
 def test_a_slurm_trial_on_a_full_disk_fails_with_one_line_naming_the_file(small_disk, blob_cache):
@@ -277,16 +296,8 @@ def test_a_slurm_trial_on_a_full_disk_fails_with_one_line_naming_the_file(small_
     the driver, the trial's row and sweeps.status give one line naming the file, as on the local backend, and
     once there is room the same command resumes the trial (not replayed as failed) and completes it."""
     sweep_dir = small_disk / "dslurm"
-    cmd = [sys.executable, "-m", "sweeps.launch", "dslurm", "--backend", "slurm", "--data", str(blob_cache),
-           "--epochs", "3", "--grid", "dropout=0.1", "--set", "batch_size=16", "--set", "log_every=4",
-           "--eval-n", "0", "--no-figures", "--results", str(small_disk), "--slurm-poll-s", "0.5",
-           "--slurm-squeue-s", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd, proc = start_slurm_sweep(small_disk, blob_cache, epochs=3, squeue_s=2)
     try:
-        deadline = time.monotonic() + 120
-        while not list(sweep_dir.glob("metrics/*/epoch-00001.parquet")):  # the job trains
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.2)
         filler = fill(small_disk)
         os.truncate(filler, filler.stat().st_size - 2**20)
         out, err = proc.communicate(timeout=120)
@@ -310,3 +321,56 @@ def test_a_slurm_trial_on_a_full_disk_fails_with_one_line_naming_the_file(small_
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     store = ResultsStore.from_dir(sweep_dir)
     assert store.read_trial(row["trial_id"])["status"] == "completed" and store.epochs(row["trial_id"]) == [1, 2, 3]
+
+
+def job_state(job_id: str) -> str:
+    """The job's state in squeue ("" once squeue no longer lists it)."""
+    return subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("cluster")
+def test_a_slurm_job_that_cannot_even_write_its_error_is_reported_as_the_full_disk(small_disk, blob_cache):
+    """The results disk, which holds the job's log folder, fills up to the last byte mid-training: the job can write
+    neither its traceback (its log is cut off) nor submitit's result file, so it ends without a result. When the
+    driver looks, a few kB are free again (with none, the driver's own next write would fail and name the disk): its
+    small writes fit, a trial's error does not. It reports the same one line as when the job's error reaches it
+    (exit 1, the trial failed with that line, the sweep stopped), not "ended without a result", and once there is
+    room the same command resumes the trial and completes it."""
+    sweep_dir = small_disk / "dslurm"
+    snapshot = sweep_dir / "slurm_logs" / "squeue.json"
+    cmd, proc = start_slurm_sweep(small_disk, blob_cache, epochs=20, squeue_s=5)
+    try:
+        deadline = time.monotonic() + 60
+        trial_id = next(sweep_dir.glob("metrics/*")).name
+        job_id = json.loads((sweep_dir / "slurm_logs" / trial_id / "job.json").read_text())["job_id"]
+        seen = snapshot.stat().st_mtime_ns
+        while snapshot.stat().st_mtime_ns == seen:  # fill the disk just after the driver's squeue call, so that
+            assert time.monotonic() < deadline  # its next one (5 s later) finds the disk as the job left it
+            time.sleep(0.05)
+        filler = fill(small_disk)
+        while job_state(job_id) in ("RUNNING", "COMPLETING"):  # the job fails at its next write
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.truncate(filler, filler.stat().st_size - 48 * 1024)  # the driver's writes (and the trial's row) fit
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    log = next(sweep_dir.glob(f"slurm_logs/{trial_id}/*/{job_id}_0_log.err")).read_text()
+    result = list(sweep_dir.glob(f"slurm_logs/{trial_id}/*/{job_id}_0_result.pkl"))
+    assert "WriteError: " not in log and not result, "the job got its error out: " + log[-3000:]
+    assert_clean_console(out + err)
+    full = f"no space left on device writing {sweep_dir}/runs/{trial_id}"  # the trial's run folder
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {full}; the sweep stopped"), err
+    failed = [line.split("FAILED: ")[1] for line in out.splitlines() if "FAILED: " in line]
+    assert failed == [full], out
+    row = ResultsStore.from_dir(sweep_dir).read_trial(trial_id)
+    assert row["status"] == "failed" and row["error"] == full
+    filler.unlink()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    store = ResultsStore.from_dir(sweep_dir)
+    assert store.read_trial(trial_id)["status"] == "completed" and store.epochs(trial_id) == list(range(1, 21))
