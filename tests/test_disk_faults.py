@@ -89,12 +89,14 @@ def test_a_trial_removes_its_own_stale_temporaries_and_trains(tmp_path, blob_cac
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A small tmpfs mounted for the test (root only): a disk that can be filled, grown and made read-only."""
+    """A small tmpfs mounted for the test (root only): a disk that can be filled, grown and made read-only. 32 MB:
+    room for the sweeps below when free (the `mlp1` of the local sweep writes 3 MB checkpoints, two per trial,
+    and completing its best one at the end of training writes a third copy beside it before the rename)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True, text=True)
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     yield disk
