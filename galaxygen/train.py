@@ -34,6 +34,7 @@ from galaxygen.data import Cache, CacheError, resolve_cache
 from galaxygen.data.loader import BatchLoader, reduce_indices
 from galaxygen.evaluate import quick
 from galaxygen.models import MODELS, build_model, generate, memory_format
+from galaxygen.models.registry import evaluating
 from galaxygen.results import (
     ResultsStore,
     StoreError,
@@ -322,11 +323,8 @@ class Trainer:
     @torch.no_grad()
     def probe_loss(self) -> float:
         """Held-out loss on a fixed batch (the within-epoch held-out curve)."""
-        was_training = self.model.training
-        self.model.eval()
-        value = float(self.objective.eval_step(self.probe)["loss"])
-        self.model.train(was_training)
-        return value
+        with evaluating(self.model):
+            return float(self.objective.eval_step(self.probe)["loss"])
 
     @torch.no_grad()
     def validate(self) -> list[dict]:

@@ -13,7 +13,8 @@ from any of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,18 @@ def autocast_args(config, device: torch.device) -> dict:
     return dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """Run a block with `model` in eval mode (dropout off, normalisation frozen), giving its device; its mode is
+    restored after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, n: int, latent: str, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
     """n images (n, 3, S, S) in [0, 1], float32 on the CPU, decoded from `latent` draws seeded by `seed`.
@@ -118,12 +131,8 @@ def generate(model: nn.Module, n: int, latent: str, seed: int = 0, batch_size: i
     The model samples in eval mode (its mode is restored after); the same model, n and seed give the
     same images. `latent` is one of the model's family's latents (e.g. "prior", "fitted").
     """
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    try:
+    with evaluating(model) as device:
+        generator = torch.Generator(device=device).manual_seed(seed)
         parts = [model.sample(min(batch_size, n - i), generator=generator, latent=latent).float().cpu()
                  for i in range(0, n, batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat(parts).contiguous()

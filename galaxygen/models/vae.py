@@ -15,7 +15,7 @@ from galaxygen.data.loader import to_float
 from galaxygen.losses import elbo_loss, mean_image, optimal_variance, warmup_factor
 from galaxygen.models.latent_prior import LatentPrior, fit_rows
 from galaxygen.models.pixel_noise import PixelNoise
-from galaxygen.models.registry import Family, TrainingData, autocast_args
+from galaxygen.models.registry import Family, TrainingData, autocast_args, evaluating
 
 VARIANCE_MOMENTUM = 0.1  # weight of each training batch in the gaussian likelihood's running variance
 
@@ -114,31 +114,22 @@ class VAE(nn.Module):
 @torch.no_grad()
 def posterior_means(model: VAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """mu of encode(x) for uint8 (N, S, S, 3) images, as float64 (N, latent_dim), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = [model.encode(to_float(images[i : i + batch_size]).to(device))[0].double().cpu().numpy()
-           for i in range(0, len(images), batch_size)]
-    model.train(was_training)
+    with evaluating(model) as device:
+        out = [model.encode(to_float(images[i : i + batch_size]).to(device))[0].double().cpu().numpy()
+               for i in range(0, len(images), batch_size)]
     return np.concatenate(out)
 
 
-@torch.no_grad()
 def residuals(model: VAE, images: np.ndarray, means: np.ndarray, batch_size: int = 256):
     """Batches of x - mean(x | mu) for uint8 images (N, S, S, 3) and their posterior means mu (N, latent_dim) (see
     `posterior_means`), decoded in eval mode: a generator of (B, 3, S, S) on the CPU."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
+    with evaluating(model) as device:
         for i in range(0, len(images), batch_size):
             x = to_float(images[i : i + batch_size])
             mu = torch.as_tensor(means[i : i + batch_size], dtype=torch.float32, device=device)
             with torch.no_grad():
                 residual = x - model.decode(mu).float().cpu()
             yield residual  # outside no_grad: the caller's grad mode holds between batches
-    finally:
-        model.train(was_training)
 
 
 def fit_sampling(model: VAE, data: TrainingData) -> bool:
